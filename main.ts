@@ -1,0 +1,964 @@
+/**
+ * A Retell AI custom-LLM server: Retell runs the phone call and opens a WebSocket here for
+ * each call; this server answers with what the agent says, streamed from OpenAI (or any
+ * OpenAI-compatible server) or Claude.
+ *
+ *   Deno: deno task start          (or: deno serve --allow-net --allow-env main.ts)
+ *   Bun:  bun run main.ts
+ *
+ * Then paste wss://<your-host>/llm-websocket into Retell's "Custom LLM URL".
+ * Make it yours: the persona is section 1, the tools section 2, the provider switch is the
+ * LLM_PROVIDER variable read in section 3. Everything below section 3 is plumbing.
+ */
+import { type Context, Hono } from "hono";
+import OpenAI from "openai";
+import Anthropic from "@anthropic-ai/sdk";
+import { z } from "zod";
+import process from "node:process";
+import { createHash, timingSafeEqual } from "node:crypto";
+
+// 1. Persona ------------------------------------------------------------------------------
+// Who the agent is. {{slots}} are filled from the call's dynamic variables (set when the call
+// is created in Retell) plus {{current_time}} and {{call_id}}; an unknown slot in the greeting
+// is left out, in the prompt it reads "unknown".
+export const PERSONA = {
+  name: "Ava",
+  greeting: "Hi {{customer_name}}! This is Ava at Sunrise Dental. How can I help you today?",
+  timezone: "America/New_York",
+  prompt: `You are Ava, the warm and efficient front-desk assistant of Sunrise Dental, on a phone call.
+The caller's name, if known: {{customer_name}}. It is now {{current_time}}.
+You help callers with questions about the clinic, and you can end the call or transfer the
+caller to a colleague with your tools.
+
+How you speak:
+- This is a voice call. Answer in one to three short, natural sentences.
+- Never use markdown, lists, headings, emoji, or URLs: everything you write is read aloud.
+- Say numbers, times and dates the way a person would say them.
+- If you did not catch something, ask the caller to repeat it.
+- When the caller is done, say a short goodbye with the end_call tool.`,
+  // Said to the model (not the caller) when Retell reports the caller has gone quiet.
+  reminder: "(The caller has been silent for a while. Check in with one short, friendly sentence.)",
+  // Spoken when the model fails or is too slow, so the caller never hears dead air.
+  apology: "Sorry, I'm having trouble right now. Could you say that again?",
+};
+
+// 2. Tools --------------------------------------------------------------------------------
+// One entry per tool: a name, a description telling the model when to call it, a zod schema
+// for its arguments and the function. Return any JSON-able value and the model reads it;
+// return a CallAction to say a last line and end or transfer the call.
+export class CallAction {
+  constructor(
+    readonly message: string,
+    readonly flags: { end_call?: true; transfer_number?: string; digit_to_press?: string },
+  ) {}
+}
+
+export interface ToolContext {
+  callId: string;
+  vars: Readonly<Record<string, string>>;
+  config: Config;
+  signal: AbortSignal;
+}
+
+export interface Tool<S extends z.ZodType = z.ZodType> {
+  name: string;
+  description: string;
+  schema: S;
+  run(args: z.infer<S>, ctx: ToolContext): unknown;
+}
+
+const tool = <S extends z.ZodObject>(t: Tool<S>) => t as unknown as Tool;
+
+export const TOOLS: Tool[] = [
+  tool({
+    name: "end_call",
+    description: "Hang up after a short goodbye. Call it when the caller says goodbye or is done.",
+    schema: z.object({ message: z.string().describe("The goodbye to say, e.g. 'Thanks for calling, bye!'") }),
+    run: ({ message }) => new CallAction(message, { end_call: true }),
+  }),
+  tool({
+    name: "transfer_call",
+    description: "Transfer the caller to a person at the clinic, when they ask for one or you cannot help.",
+    schema: z.object({
+      message: z.string().describe("A short line to say before transferring, e.g. 'Connecting you now.'"),
+      number: z.string().regex(/^\+[1-9]\d{6,14}$/).optional()
+        .describe("E.164 number to transfer to; leave it out for the front desk"),
+    }),
+    run: ({ message, number }, { config }) => {
+      const to = number ?? config.transferNumber;
+      if (!to) return { error: "No transfer number is set up. Offer to take a message instead." };
+      return new CallAction(message, { transfer_number: to });
+    },
+  }),
+];
+
+// 3. Config -------------------------------------------------------------------------------
+// Every environment variable is read here, once. A bad value stops startup with one sentence.
+export type ProviderName = "openai" | "anthropic" | "demo";
+
+export interface Config {
+  provider: ProviderName;
+  model: string;
+  port: number;
+  openaiApiKey?: string;
+  openaiBaseUrl?: string;
+  anthropicApiKey?: string;
+  anthropicBaseUrl?: string;
+  authToken?: string;
+  transferNumber?: string;
+  firstTokenTimeoutMs: number;
+  toolTimeoutMs: number;
+  logLevel: "debug" | "info";
+}
+
+export class ConfigError extends Error {}
+
+const PROVIDERS: ProviderName[] = ["openai", "anthropic", "demo"];
+// Fast, non-reasoning defaults: on a phone call time to first word matters most.
+const DEFAULT_MODELS = { openai: "gpt-4.1-mini", anthropic: "claude-haiku-4-5", demo: "offline-demo" };
+
+export function loadConfig(env: Record<string, string | undefined>): Config {
+  const get = (name: string) => env[name]?.trim() || undefined;
+  const provider = pickProvider(get("LLM_PROVIDER"), get("OPENAI_API_KEY"), get("ANTHROPIC_API_KEY"));
+  if (provider === "anthropic" && !get("ANTHROPIC_API_KEY")) {
+    throw new ConfigError("LLM_PROVIDER is anthropic but ANTHROPIC_API_KEY is not set; set it or unset LLM_PROVIDER.");
+  }
+  if (provider === "openai" && !get("OPENAI_API_KEY") && !get("OPENAI_BASE_URL")) {
+    throw new ConfigError("LLM_PROVIDER is openai but neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.");
+  }
+  const modelVar = provider === "openai" ? "OPENAI_MODEL" : provider === "anthropic" ? "ANTHROPIC_MODEL" : "";
+  const transferNumber = get("TRANSFER_NUMBER");
+  if (transferNumber && !/^\+[1-9]\d{6,14}$/.test(transferNumber)) {
+    throw new ConfigError(`TRANSFER_NUMBER must be an E.164 phone number like +14155550123 (got "${transferNumber}").`);
+  }
+  const logLevel = get("LOG_LEVEL") ?? "info";
+  if (logLevel !== "info" && logLevel !== "debug") {
+    throw new ConfigError(`LOG_LEVEL must be info or debug (got "${logLevel}").`);
+  }
+  return {
+    provider,
+    model: (modelVar && get(modelVar)) || DEFAULT_MODELS[provider],
+    port: readNumber(env, "PORT", 8080, 0, 65535),
+    openaiApiKey: get("OPENAI_API_KEY"),
+    openaiBaseUrl: get("OPENAI_BASE_URL"),
+    anthropicApiKey: get("ANTHROPIC_API_KEY"),
+    anthropicBaseUrl: get("ANTHROPIC_BASE_URL"),
+    authToken: get("AUTH_TOKEN"),
+    transferNumber,
+    firstTokenTimeoutMs: readNumber(env, "FIRST_TOKEN_TIMEOUT_MS", 4000, 1, 120_000),
+    toolTimeoutMs: readNumber(env, "TOOL_TIMEOUT_MS", 8000, 1, 600_000),
+    logLevel,
+  };
+}
+
+function pickProvider(name: string | undefined, openaiKey?: string, anthropicKey?: string): ProviderName {
+  if (name === undefined) return openaiKey ? "openai" : anthropicKey ? "anthropic" : "demo";
+  const lower = name.toLowerCase() as ProviderName;
+  if (PROVIDERS.includes(lower)) return lower;
+  throw new ConfigError(`LLM_PROVIDER must be one of ${PROVIDERS.join(", ")} (got "${name}").`);
+}
+
+function readNumber(env: Record<string, string | undefined>, name: string, fallback: number, min: number, max: number) {
+  const raw = env[name]?.trim();
+  if (!raw) return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new ConfigError(`${name} must be a whole number from ${min} to ${max} (got "${raw}").`);
+  }
+  return value;
+}
+
+// 4. The Retell protocol (see README for links) --------------------------------------------
+// What Retell sends. Transcript items are checked one by one, so one bad item is dropped
+// instead of costing the whole turn.
+const TranscriptItem = z.object({
+  role: z.string(),
+  content: z.string().optional(),
+  tool_call_id: z.string().optional(),
+  name: z.string().optional(),
+  arguments: z.string().optional(),
+}).nullable().catch(null);
+
+const Transcript = z.array(TranscriptItem).optional().catch(undefined);
+
+const Inbound = z.discriminatedUnion("interaction_type", [
+  z.object({ interaction_type: z.literal("ping_pong"), timestamp: z.number() }),
+  z.object({
+    interaction_type: z.literal("call_details"),
+    call: z.object({ retell_llm_dynamic_variables: z.record(z.string(), z.unknown()).nullish().catch(null) })
+      .nullish().catch(null),
+  }),
+  z.object({ interaction_type: z.literal("update_only") }),
+  z.object({
+    interaction_type: z.enum(["response_required", "reminder_required"]),
+    response_id: z.int().min(0),
+    transcript: Transcript,
+    transcript_with_tool_calls: Transcript,
+  }),
+]);
+type Inbound = z.infer<typeof Inbound>;
+type TurnRequest = Extract<Inbound, { response_id: number }>;
+type Item = NonNullable<z.infer<typeof TranscriptItem>>;
+
+// What we send to Retell.
+type Flags = CallAction["flags"] & { no_interruption_allowed?: boolean };
+type Outbound =
+  | { response_type: "config"; config: Record<string, boolean> }
+  | { response_type: "ping_pong"; timestamp: number }
+  | { response_type: "response"; response_id: number; content: string; content_complete: boolean } & Flags
+  | { response_type: "tool_call_invocation"; tool_call_id: string; name: string; arguments: string }
+  | { response_type: "tool_call_result"; tool_call_id: string; content: string; successful: boolean };
+
+const CONFIG_FRAME: Outbound = {
+  response_type: "config",
+  config: { auto_reconnect: true, call_details: true, transcript_with_tool_calls: true },
+};
+
+// 5. Providers ----------------------------------------------------------------------------
+// Every provider has one shape: a system prompt, messages and tools in; text and complete
+// tool calls out, as an async stream that stops when `signal` aborts.
+export type Message =
+  | { role: "user"; text: string }
+  | { role: "assistant"; text: string }
+  | { role: "tool_call"; id: string; name: string; args: string }
+  | { role: "tool_result"; id: string; content: string };
+
+export type ToolCall = Extract<Message, { role: "tool_call" }>;
+export type BrainEvent = { type: "text"; text: string } | ({ type: "tool_call" } & Omit<ToolCall, "role">);
+export interface ToolSpec {
+  name: string;
+  description: string;
+  parameters: Record<string, unknown>;
+}
+export interface BrainRequest {
+  system: string;
+  messages: Message[];
+  tools: ToolSpec[];
+}
+export interface Brain {
+  provider: string;
+  model: string;
+  stream(request: BrainRequest, signal: AbortSignal): AsyncIterable<BrainEvent>;
+}
+
+export function createBrain(config: Config): Brain {
+  if (config.provider === "openai") return openaiBrain(config);
+  if (config.provider === "anthropic") return anthropicBrain(config);
+  return demoBrain();
+}
+
+function openaiBrain(config: Config): Brain {
+  // A dummy key lets keyless OpenAI-compatible servers (Ollama, vLLM) work; one quick retry.
+  const client = new OpenAI({ apiKey: config.openaiApiKey ?? "none", baseURL: config.openaiBaseUrl, maxRetries: 1 });
+  return {
+    provider: "openai",
+    model: config.model,
+    async *stream({ system, messages, tools }, signal) {
+      const stream = await client.chat.completions.create({
+        model: config.model,
+        stream: true,
+        messages: toOpenAIMessages(system, messages),
+        tools: tools.length ? tools.map((t) => ({ type: "function" as const, function: t })) : undefined,
+      }, { signal });
+      const calls: { id: string; name: string; args: string }[] = [];
+      for await (const chunk of stream) {
+        const delta = chunk.choices?.[0]?.delta;
+        if (delta?.content) yield { type: "text", text: delta.content };
+        for (const part of delta?.tool_calls ?? []) {
+          const call = calls[part.index ?? 0] ??= { id: "", name: "", args: "" };
+          if (part.id) call.id = part.id;
+          if (part.function?.name) call.name = part.function.name;
+          if (part.function?.arguments) call.args += part.function.arguments;
+        }
+      }
+      for (const call of calls.filter(Boolean)) yield { type: "tool_call", ...call, id: call.id || newId("call") };
+    },
+  };
+}
+
+function toOpenAIMessages(system: string, messages: Message[]): OpenAI.ChatCompletionMessageParam[] {
+  const out: OpenAI.ChatCompletionMessageParam[] = [{ role: "system", content: system }];
+  for (const m of messages) {
+    const last = out.at(-1)!;
+    if (m.role === "user" || m.role === "assistant") out.push({ role: m.role, content: m.text });
+    else if (m.role === "tool_result") out.push({ role: "tool", tool_call_id: m.id, content: m.content });
+    else {
+      const call = { id: m.id, type: "function" as const, function: { name: m.name, arguments: m.args } };
+      if (last.role === "assistant") (last.tool_calls ??= []).push(call);
+      else out.push({ role: "assistant", content: null, tool_calls: [call] });
+    }
+  }
+  return out;
+}
+
+function anthropicBrain(config: Config): Brain {
+  const client = new Anthropic({ apiKey: config.anthropicApiKey, baseURL: config.anthropicBaseUrl, maxRetries: 1 });
+  return {
+    provider: "anthropic",
+    model: config.model,
+    async *stream({ system, messages, tools }, signal) {
+      const stream = await client.messages.create({
+        model: config.model,
+        max_tokens: 1024,
+        stream: true,
+        system,
+        messages: toClaudeMessages(messages),
+        tools: tools.length
+          ? tools.map((t) => ({
+            name: t.name,
+            description: t.description,
+            input_schema: t.parameters as Anthropic.Tool.InputSchema,
+          }))
+          : undefined,
+      }, { signal });
+      const calls = new Map<number, { id: string; name: string; args: string }>();
+      for await (const event of stream) {
+        if (event.type === "content_block_start" && event.content_block.type === "tool_use") {
+          calls.set(event.index, { id: event.content_block.id, name: event.content_block.name, args: "" });
+        } else if (event.type === "content_block_delta") {
+          if (event.delta.type === "text_delta") yield { type: "text", text: event.delta.text };
+          else if (event.delta.type === "input_json_delta") {
+            const call = calls.get(event.index);
+            if (call) call.args += event.delta.partial_json;
+          }
+        }
+      }
+      for (const call of calls.values()) yield { type: "tool_call", ...call, args: call.args || "{}" };
+    },
+  };
+}
+
+// Claude wants alternating roles starting with the user, tool results first in their turn.
+export function toClaudeMessages(messages: Message[]): Anthropic.MessageParam[] {
+  type Block = Anthropic.TextBlockParam | Anthropic.ToolUseBlockParam | Anthropic.ToolResultBlockParam;
+  const out: { role: "user" | "assistant"; content: Block[] }[] = [];
+  const add = (role: "user" | "assistant", block: Block) => {
+    const last = out.at(-1);
+    if (last?.role === role) last.content.push(block);
+    else out.push({ role, content: [block] });
+  };
+  for (const m of messages) {
+    if (m.role === "user" || m.role === "assistant") add(m.role, { type: "text", text: m.text });
+    else if (m.role === "tool_call") {
+      add("assistant", { type: "tool_use", id: claudeId(m.id), name: m.name, input: parseObject(m.args) });
+    } else add("user", { type: "tool_result", tool_use_id: claudeId(m.id), content: m.content });
+  }
+  if (out[0]?.role !== "user") {
+    out.unshift({ role: "user", content: [{ type: "text", text: "(The call has started.)" }] });
+  }
+  if (out.at(-1)?.role !== "user") out.push({ role: "user", content: [{ type: "text", text: "(Go on.)" }] });
+  for (const turn of out) {
+    if (turn.role === "user") {
+      turn.content.sort((a, b) => Number(b.type === "tool_result") - Number(a.type === "tool_result"));
+    }
+  }
+  return out;
+}
+
+const claudeId = (id: string) => id.replace(/[^a-zA-Z0-9_-]/g, "_").slice(0, 64) || "tool";
+
+function parseObject(json: string): Record<string, unknown> {
+  try {
+    const value = JSON.parse(json || "{}");
+    return value && typeof value === "object" && !Array.isArray(value) ? value : {};
+  } catch {
+    return {};
+  }
+}
+
+// With no API key, a tiny offline brain answers, so the first run works without any account.
+function demoBrain(): Brain {
+  return {
+    provider: "demo",
+    model: DEFAULT_MODELS.demo,
+    async *stream({ messages }) {
+      const last = messages.at(-1);
+      const heard = last?.role === "user" ? last.text : "";
+      if (last?.role === "tool_result") {
+        yield* words(last.content.includes("error") ? "Sorry, I couldn't do that." : "Done.");
+      } else if (heard === PERSONA.reminder) yield* words("Are you still there?");
+      else if (/\b(bye|goodbye|hang up)\b/i.test(heard)) {
+        yield {
+          type: "tool_call",
+          id: newId("demo"),
+          name: "end_call",
+          args: '{"message":"Thanks for calling. Goodbye!"}',
+        };
+      } else if (/\b(human|person|someone|transfer)\b/i.test(heard)) {
+        yield {
+          type: "tool_call",
+          id: newId("demo"),
+          name: "transfer_call",
+          args: '{"message":"Connecting you now."}',
+        };
+      } else {
+        yield* words(
+          `I'm the offline demo brain, so I can only repeat what I heard: ${heard.slice(0, 200) || "nothing"}.`,
+        );
+      }
+    },
+  };
+}
+
+async function* words(text: string): AsyncGenerator<BrainEvent> {
+  for (const word of text.match(/\S+\s*/g) ?? []) {
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    yield { type: "text", text: word };
+  }
+}
+
+// Tool JSON Schemas for both providers come from the same zod schemas, computed once.
+const toolSpecs = (tools: Tool[]): ToolSpec[] =>
+  tools.map(({ name, description, schema }) => {
+    const { $schema: _, ...parameters } = z.toJSONSchema(schema, { io: "input" });
+    return { name, description, parameters };
+  });
+
+// 6. From Retell's transcript to provider messages -----------------------------------------
+// Stateless: every turn rebuilds the prompt from the full transcript Retell sends, so a
+// reconnect to any instance continues the call. Tool calls come back from
+// transcript_with_tool_calls, each followed by its result.
+const MAX_ITEM_CHARS = 4_000;
+const MAX_PROMPT_CHARS = 120_000;
+
+export function toMessages(items: readonly (Item | null)[]): Message[] {
+  const results = new Map<string, string>();
+  for (const item of items) {
+    if (item?.role === "tool_call_result" && item.tool_call_id) results.set(item.tool_call_id, item.content ?? "");
+  }
+  const out: Message[] = [];
+  const seen = new Set<string>();
+  let pending: ToolCall[] = [];
+  const flush = () => {
+    for (const c of pending) {
+      out.push({ role: "tool_result", id: c.id, content: results.get(c.id) ?? "(no result was recorded)" });
+    }
+    pending = [];
+  };
+  for (const item of items) {
+    if (!item || item.role === "tool_call_result") continue;
+    if (item.role === "tool_call_invocation") {
+      if (!item.tool_call_id || !item.name || seen.has(item.tool_call_id)) continue;
+      seen.add(item.tool_call_id);
+      const call: ToolCall = {
+        role: "tool_call",
+        id: item.tool_call_id,
+        name: item.name,
+        args: clip(item.arguments ?? "{}"),
+      };
+      out.push(call);
+      pending.push(call);
+      continue;
+    }
+    flush();
+    const text = clip(item.content?.trim() ?? "");
+    if (!text) continue;
+    if (item.role === "agent") out.push({ role: "assistant", text });
+    else if (item.role === "user" || item.role === "transfer_target") out.push({ role: "user", text });
+  }
+  flush();
+  return trimToBudget(out);
+}
+
+const clip = (s: string) => (s.length > MAX_ITEM_CHARS ? s.slice(0, MAX_ITEM_CHARS) + "…" : s);
+const size = (
+  m: Message,
+) => (m.role === "tool_call" ? m.args.length : m.role === "tool_result" ? m.content.length : m.text.length);
+
+// A very long call keeps its newest part; a cut never starts inside a tool call.
+function trimToBudget(messages: Message[]): Message[] {
+  let total = 0;
+  let start = messages.length;
+  while (start > 0 && total + size(messages[start - 1]) <= MAX_PROMPT_CHARS) total += size(messages[--start]);
+  while (start < messages.length && messages[start].role === "tool_result") start++;
+  return start === 0 ? messages : messages.slice(start);
+}
+
+export function fillSlots(template: string, vars: Readonly<Record<string, string>>, missing: string): string {
+  return template.replace(/\{\{\s*([\w.-]+)\s*\}\}/g, (_, name: string) => vars[name] ?? missing);
+}
+
+// A greeting whose variable is missing still reads well: "Hi {{name}}!" becomes "Hi!".
+const tidy = (s: string) => s.replace(/\s+([!?.,])/g, "$1").replace(/\s{2,}/g, " ").trim();
+
+// 7. The call -----------------------------------------------------------------------------
+type Outcome = "completed" | "superseded" | "error" | "timeout";
+
+export interface AppOptions {
+  config?: Config;
+  brain?: Brain;
+  tools?: Tool[];
+  persona?: typeof PERSONA;
+}
+
+interface Deps {
+  config: Config;
+  brain: Brain;
+  tools: Map<string, Tool>;
+  specs: ToolSpec[];
+  persona: typeof PERSONA;
+  greeted: Set<string>;
+  live: Set<Call>;
+}
+
+interface Peer {
+  send(data: string): void;
+}
+
+const GREETING_WAIT_MS = 1000;
+const MAX_TOOL_ROUNDS = 4;
+const MAX_BAD_FRAME_LOGS = 20;
+const MAX_VARS = 100;
+
+class TimeoutError extends Error {}
+
+/** One Retell connection. A reconnect is a new Call with the same id. */
+class Call {
+  vars: Record<string, string> = {};
+  private turn?: Turn;
+  private latestId = -1;
+  private greetTimer?: ReturnType<typeof setTimeout>;
+  private greetingDone = false;
+  private badFrames = 0;
+  private readonly opened = performance.now();
+
+  constructor(readonly id: string, private readonly peer: Peer, readonly deps: Deps) {
+    this.vars = { call_id: id };
+  }
+
+  send(frame: Outbound) {
+    this.peer.send(JSON.stringify(frame));
+  }
+
+  open() {
+    this.deps.live.add(this);
+    log("info", "call_open", { call_id: this.id, live_calls: this.deps.live.size });
+    this.send(CONFIG_FRAME);
+    // UNCERTAIN in Retell's docs: whether a reconnect expects the greeting again. We send an
+    // empty id-0 response so the agent is not blocked and does not greet twice.
+    if (this.deps.greeted.has(this.id)) return this.greet("");
+    if (/\{\{/.test(this.deps.persona.greeting)) {
+      this.greetTimer = setTimeout(() => this.greet(this.greeting()), GREETING_WAIT_MS);
+    } else this.greet(this.deps.persona.greeting);
+  }
+
+  closed(code: number) {
+    clearTimeout(this.greetTimer);
+    this.turn?.abort("closed");
+    this.deps.live.delete(this);
+    const seconds = Math.round(performance.now() - this.opened) / 1000;
+    log("info", "call_close", {
+      call_id: this.id,
+      code,
+      seconds,
+      bad_frames: this.badFrames,
+      live_calls: this.deps.live.size,
+    });
+  }
+
+  receive(data: unknown) {
+    if (typeof data !== "string") return this.reject("binary frame");
+    let json: unknown;
+    try {
+      json = JSON.parse(data);
+    } catch {
+      return this.reject("invalid JSON", data.length);
+    }
+    const parsed = Inbound.safeParse(json);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      return this.reject(`${issue?.path.join(".") || "frame"}: ${issue?.message}`, data.length);
+    }
+    this.handle(parsed.data);
+  }
+
+  private handle(frame: Inbound) {
+    switch (frame.interaction_type) {
+      case "ping_pong":
+        return this.send({ response_type: "ping_pong", timestamp: frame.timestamp });
+      case "call_details":
+        this.vars = { ...readVars(frame.call?.retell_llm_dynamic_variables), call_id: this.id };
+        if (!this.greetingDone) this.greet(this.greeting());
+        return;
+      case "update_only":
+        return;
+      default:
+        return this.startTurn(frame);
+    }
+  }
+
+  private greeting() {
+    return tidy(fillSlots(this.deps.persona.greeting, this.vars, ""));
+  }
+
+  private greet(text: string) {
+    clearTimeout(this.greetTimer);
+    if (this.greetingDone) return;
+    this.greetingDone = true;
+    this.deps.greeted.add(this.id);
+    if (this.deps.greeted.size > 10_000) this.deps.greeted.delete(this.deps.greeted.values().next().value!);
+    this.send({ response_type: "response", response_id: 0, content: text, content_complete: true });
+  }
+
+  private startTurn(frame: TurnRequest) {
+    if (frame.response_id <= this.latestId) {
+      return log("debug", "stale_request", { call_id: this.id, response_id: frame.response_id, latest: this.latestId });
+    }
+    this.latestId = frame.response_id;
+    // A request means Retell is past the greeting; sending one now would be stale.
+    this.greetingDone = true;
+    clearTimeout(this.greetTimer);
+    this.turn?.abort("superseded");
+    const turn = this.turn = new Turn(this, frame.response_id, frame.interaction_type === "reminder_required");
+    turn.run(frame.transcript_with_tool_calls ?? frame.transcript ?? []).catch((err) =>
+      log("error", "turn_crashed", { call_id: this.id, response_id: turn.id, error: String(err) })
+    );
+  }
+
+  private reject(reason: string, bytes?: number) {
+    if (++this.badFrames <= MAX_BAD_FRAME_LOGS) {
+      log("warn", "bad_frame", { call_id: this.id, reason: reason.slice(0, 200), bytes });
+    }
+    if (this.badFrames === MAX_BAD_FRAME_LOGS) log("warn", "bad_frame_logs_suppressed", { call_id: this.id });
+  }
+}
+
+function readVars(raw: Record<string, unknown> | null | undefined): Record<string, string> {
+  const vars: Record<string, string> = {};
+  for (const [key, value] of Object.entries(raw ?? {}).slice(0, MAX_VARS)) {
+    if (["string", "number", "boolean"].includes(typeof value)) vars[key.slice(0, 64)] = String(value).slice(0, 1000);
+  }
+  return vars;
+}
+
+/** One response_id: streams the model's words until content_complete, or until superseded. */
+class Turn {
+  private readonly controller = new AbortController();
+  private complete = false;
+  private readonly started = performance.now();
+  private stats = { ttft: undefined as number | undefined, chars: 0, tools: [] as string[] };
+
+  constructor(readonly call: Call, readonly id: number, readonly reminder: boolean) {}
+
+  get signal() {
+    return this.controller.signal;
+  }
+
+  abort(reason: string) {
+    this.controller.abort(reason);
+  }
+
+  private get live() {
+    return !this.complete && !this.signal.aborted;
+  }
+
+  send(frame: Outbound) {
+    if (this.live) this.call.send(frame);
+  }
+
+  say(content: string, complete: boolean, flags: Flags = {}) {
+    if (!this.live) return;
+    if (content) {
+      this.stats.ttft ??= performance.now() - this.started;
+      this.stats.chars += content.length;
+    }
+    this.call.send({ response_type: "response", response_id: this.id, content, content_complete: complete, ...flags });
+    this.complete = complete;
+  }
+
+  async run(items: readonly (Item | null)[]) {
+    const { persona, brain } = this.call.deps;
+    let outcome: Outcome;
+    try {
+      const messages = toMessages(items);
+      if (this.reminder) messages.push({ role: "user", text: persona.reminder });
+      outcome = await this.converse(messages);
+    } catch (err) {
+      outcome = this.signal.aborted ? "superseded" : err instanceof TimeoutError ? "timeout" : "error";
+      if (outcome !== "superseded") {
+        log("error", "turn_failed", { call_id: this.call.id, response_id: this.id, outcome, error: errorText(err) });
+        this.say((this.stats.chars ? " " : "") + persona.apology, true);
+      }
+    } finally {
+      this.say("", true); // never leave Retell waiting, whatever happened above
+    }
+    log("info", "turn", {
+      call_id: this.call.id,
+      response_id: this.id,
+      kind: this.reminder ? "reminder" : "response",
+      provider: brain.provider,
+      model: brain.model,
+      ttft_ms: this.stats.ttft === undefined ? null : Math.round(this.stats.ttft),
+      total_ms: Math.round(performance.now() - this.started),
+      chars: this.stats.chars,
+      tools: this.stats.tools,
+      outcome,
+    });
+  }
+
+  // Model, then tools, then model again with their results, until it answers in words.
+  private async converse(messages: Message[]): Promise<Outcome> {
+    const { deps } = this.call;
+    const system = fillSlots(
+      deps.persona.prompt,
+      { ...this.call.vars, current_time: now(deps.persona.timezone) },
+      "unknown",
+    );
+    for (let round = 0; round < MAX_TOOL_ROUNDS; round++) {
+      const calls = await this.streamModel({ system, messages, tools: deps.specs });
+      if (this.signal.aborted) return "superseded";
+      if (!calls.length) {
+        this.say("", true);
+        return "completed";
+      }
+      const results = await Promise.all(calls.map((c) => this.runTool(c)));
+      if (this.signal.aborted) return "superseded";
+      const action = results.find((r): r is CallAction => r instanceof CallAction);
+      if (action) {
+        this.say(action.message.trim() || "Goodbye.", true, { ...action.flags, no_interruption_allowed: true });
+        return "completed";
+      }
+      calls.forEach((c, i) => messages.push(c, { role: "tool_result", id: c.id, content: results[i] as string }));
+    }
+    throw new Error(`the model was still calling tools after ${MAX_TOOL_ROUNDS} rounds`);
+  }
+
+  // Streams one model reply as response frames; returns its tool calls. A watchdog turns
+  // a slow first token, or a stream that stalls, into a TimeoutError.
+  private async streamModel(request: BrainRequest): Promise<ToolCall[]> {
+    const { brain, config } = this.call.deps;
+    const model = new AbortController();
+    const stop = () => model.abort(this.signal.reason);
+    this.signal.addEventListener("abort", stop);
+    let last = performance.now();
+    let timer: ReturnType<typeof setTimeout>;
+    const watch = (ms: number) => {
+      timer = setTimeout(() => {
+        const idle = performance.now() - last;
+        if (idle >= config.firstTokenTimeoutMs) model.abort(new TimeoutError(`no tokens for ${Math.round(idle)} ms`));
+        else watch(config.firstTokenTimeoutMs - idle);
+      }, ms);
+    };
+    watch(config.firstTokenTimeoutMs);
+    const calls: ToolCall[] = [];
+    try {
+      for await (const event of abortable(brain.stream(request, model.signal), model.signal)) {
+        last = performance.now();
+        if (event.type === "text") {
+          if (event.text) this.say(event.text, false);
+        } else calls.push({ role: "tool_call", id: event.id, name: event.name, args: event.args });
+      }
+    } finally {
+      clearTimeout(timer!);
+      this.signal.removeEventListener("abort", stop);
+    }
+    if (model.signal.aborted && !this.signal.aborted) throw model.signal.reason;
+    return calls;
+  }
+
+  // Runs one tool call; whatever goes wrong becomes a result the model can talk about.
+  private async runTool(call: ToolCall): Promise<string | CallAction> {
+    const { tools, config } = this.call.deps;
+    this.stats.tools.push(call.name);
+    this.send({ response_type: "tool_call_invocation", tool_call_id: call.id, name: call.name, arguments: call.args });
+    let result: unknown;
+    let ok = false;
+    try {
+      const tool = tools.get(call.name);
+      if (!tool) throw new Error(`there is no tool called ${call.name}`);
+      const args = tool.schema.safeParse(parseObject(call.args));
+      if (!args.success) throw new Error(`bad arguments: ${z.prettifyError(args.error)}`);
+      const ctx: ToolContext = { callId: this.call.id, vars: this.call.vars, config, signal: this.signal };
+      result = await withTimeout(
+        Promise.resolve(tool.run(args.data, ctx)),
+        config.toolTimeoutMs,
+        `${call.name} took too long`,
+      );
+      ok = true;
+    } catch (err) {
+      log("warn", "tool_failed", {
+        call_id: this.call.id,
+        response_id: this.id,
+        tool: call.name,
+        error: errorText(err),
+      });
+      result = { error: errorText(err) };
+    }
+    const content = result instanceof CallAction
+      ? result.message
+      : typeof result === "string"
+      ? result
+      : JSON.stringify(result ?? "done") ?? "done";
+    this.send({ response_type: "tool_call_result", tool_call_id: call.id, content, successful: ok });
+    return result instanceof CallAction ? result : content;
+  }
+}
+
+// Ends the loop as soon as `signal` aborts, even if the source never yields again.
+async function* abortable<T>(source: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
+  const iterator = source[Symbol.asyncIterator]();
+  const aborted = new Promise<never>((_, reject) => {
+    if (signal.aborted) reject(signal.reason);
+    signal.addEventListener("abort", () => reject(signal.reason), { once: true });
+  });
+  aborted.catch(() => {});
+  try {
+    while (true) {
+      const next = await Promise.race([iterator.next(), aborted]);
+      if (next.done) return;
+      yield next.value;
+    }
+  } finally {
+    iterator.return?.()?.catch(() => {});
+  }
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number, message: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout>;
+  const timeout = new Promise<never>((_, reject) => timer = setTimeout(() => reject(new TimeoutError(message)), ms));
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+const now = (timeZone: string) =>
+  new Date().toLocaleString("en-US", { timeZone, dateStyle: "full", timeStyle: "short" });
+
+const newId = (prefix: string) => `${prefix}_${crypto.randomUUID().replaceAll("-", "")}`;
+
+const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err)).slice(0, 300);
+
+let logDebug = false;
+export function log(level: "debug" | "info" | "warn" | "error", event: string, fields: Record<string, unknown> = {}) {
+  if (level === "debug" && !logDebug) return;
+  console.log(JSON.stringify({ time: new Date().toISOString(), level, event, ...fields }));
+}
+
+// 8. HTTP routes --------------------------------------------------------------------------
+export function createApp(options: AppOptions = {}) {
+  const config = options.config ?? loadConfig(process.env);
+  const tools = options.tools ?? TOOLS;
+  const deps: Deps = {
+    config,
+    brain: options.brain ?? createBrain(config),
+    tools: new Map(tools.map((t) => [t.name, t])),
+    specs: toolSpecs(tools),
+    persona: options.persona ?? PERSONA,
+    greeted: new Set(),
+    live: new Set(),
+  };
+  logDebug ||= config.logLevel === "debug";
+  const app = new Hono();
+  app.get(
+    "/health",
+    (c) => c.json({ status: "ok", provider: deps.brain.provider, model: deps.brain.model, live_calls: deps.live.size }),
+  );
+  app.get("/llm-websocket/:call_id", (c) => {
+    const token = config.authToken;
+    if (token && !sameSecret(c.req.query("token") ?? "", token)) return c.text("unauthorized", 401);
+    const callId = (c.req.param("call_id") ?? "").slice(0, 128);
+    const response = upgrade(c, (peer) => new Call(callId, peer, deps));
+    return response ?? c.text("expected a WebSocket upgrade", 426);
+  });
+  app.onError((err, c) => {
+    log("error", "http_error", { path: c.req.path.slice(0, 200), error: errorText(err) });
+    return c.json({ error: "internal error" }, 500);
+  });
+  return { app, deps };
+}
+
+const digest = (s: string) => createHash("sha256").update(s).digest();
+const sameSecret = (a: string, b: string) => timingSafeEqual(digest(a), digest(b));
+
+// 9. Runtime glue: the only lines that differ between Deno and Bun ------------------------
+const isBun = "Bun" in globalThis;
+
+interface Session {
+  call: Call;
+}
+interface BunSocket {
+  data: { open(peer: Peer): Call; call?: Call };
+  send(data: string): number;
+  readyState: number;
+}
+interface BunServer {
+  upgrade(req: Request, options: { data: BunSocket["data"] }): boolean;
+}
+
+// Hands the socket's events to a Call; a throwing handler is logged, never fatal.
+const guard = (what: string, fn: () => void) => {
+  try {
+    fn();
+  } catch (err) {
+    log("error", "socket_handler_failed", { what, error: errorText(err) });
+  }
+};
+
+function upgrade(c: Context, open: (peer: Peer) => Call): Response | undefined {
+  if (c.req.header("upgrade")?.toLowerCase() !== "websocket") return undefined;
+  if (isBun) {
+    const server = c.env as BunServer | undefined;
+    return server?.upgrade(c.req.raw, { data: { open } }) ? new Response(null) : undefined;
+  }
+  const { response, socket } = Deno.upgradeWebSocket(c.req.raw);
+  const peer: Peer = { send: (data) => socket.readyState === WebSocket.OPEN && socket.send(data) };
+  const session: Partial<Session> = {};
+  socket.onopen = () => guard("open", () => (session.call = open(peer)).open());
+  socket.onmessage = (e) => guard("message", () => session.call?.receive(e.data));
+  socket.onclose = (e) => guard("close", () => session.call?.closed(e.code));
+  socket.onerror = () => {};
+  return response;
+}
+
+// Bun's WebSocket handlers (Deno wires its handlers per socket above).
+export const websocket = {
+  maxPayloadLength: 64 * 1024 * 1024,
+  open: (ws: BunSocket) => guard("open", () => (ws.data.call = ws.data.open(bunPeer(ws))).open()),
+  message: (ws: BunSocket, message: string | Uint8Array) => guard("message", () => ws.data.call?.receive(message)),
+  close: (ws: BunSocket, code: number) => guard("close", () => ws.data.call?.closed(code)),
+};
+const bunPeer = (ws: BunSocket): Peer => ({ send: (data) => ws.readyState === 1 && ws.send(data) });
+
+/** Starts a server on `port` (0 picks a free one); used by the tests and tools. */
+export function listen(port: number, options: AppOptions = {}) {
+  const { app, deps } = createApp(options);
+  if (isBun) {
+    const bun =
+      (globalThis as unknown as { Bun: { serve(o: unknown): { port: number; stop(force: boolean): void } } }).Bun;
+    const server = bun.serve({ port, hostname: "127.0.0.1", fetch: app.fetch, websocket, development: false });
+    return { port: server.port, deps, close: () => Promise.resolve(server.stop(true)) };
+  }
+  const server = Deno.serve({ port, hostname: "127.0.0.1", onListen() {} }, app.fetch);
+  return { port: server.addr.port, deps, close: () => server.shutdown() };
+}
+
+// A failure nobody caught is logged; the process and every other call keep going.
+process.on("unhandledRejection", (err) => log("error", "unhandled_rejection", { error: errorText(err) }));
+process.on("uncaughtException", (err) => log("error", "uncaught_exception", { error: errorText(err) }));
+
+// Started as a program: `bun run` serves the default export, `deno serve` too (and calls
+// onListen), plain `deno run` falls back to Deno.serve.
+let config: Config;
+try {
+  config = loadConfig(process.env);
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err;
+  console.error(`Config error: ${err.message}`);
+  process.exit(1);
+}
+const main = createApp({ config });
+let served = false;
+const onListen = () => {
+  served = true;
+  const { provider, model } = main.deps.brain;
+  log("info", "listening", { provider, model, auth: Boolean(config.authToken) });
+  if (provider === "demo") {
+    log("warn", "demo_brain", {
+      hint: "No OPENAI_API_KEY or ANTHROPIC_API_KEY: answering with the offline demo brain.",
+    });
+  }
+};
+if (import.meta.main && isBun) onListen();
+if (import.meta.main && !isBun) {
+  setTimeout(() => served || Deno.serve({ port: config.port, onListen }, main.app.fetch), 0);
+}
+
+export default { fetch: main.app.fetch, websocket, port: config.port, development: false, onListen };
