@@ -718,7 +718,10 @@ class Turn {
         this.say(action.message.trim() || "Goodbye.", true, { ...action.flags, no_interruption_allowed: true });
         return "completed";
       }
-      calls.forEach((c, i) => messages.push(c, { role: "tool_result", id: c.id, content: results[i] as string }));
+      messages.push(
+        ...calls,
+        ...calls.map((c, i) => ({ role: "tool_result" as const, id: c.id, content: results[i] as string })),
+      );
     }
     throw new Error(`the model was still calling tools after ${MAX_TOOL_ROUNDS} rounds`);
   }

@@ -1,0 +1,1385 @@
+// Conversation tests: each one plays Retell's side over a real WebSocket against the real app
+// on port 0. Most stub the model with a scripted brain; the provider tests go through the real
+// OpenAI and Anthropic SDKs against local fake servers that speak their streaming formats.
+// Runs under `deno task test` and `bun test`.
+import { describe, test } from "node:test";
+import assert from "node:assert/strict";
+import http from "node:http";
+import net from "node:net";
+import process from "node:process";
+import { spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { z } from "zod";
+import {
+  type Brain,
+  type BrainEvent,
+  type BrainRequest,
+  CallAction,
+  type Config,
+  ConfigError,
+  listen,
+  loadConfig,
+  PERSONA,
+  toClaudeMessages,
+  type Tool,
+  TOOLS,
+} from "./main.ts";
+
+// ---------------------------------------------------------------------------------------
+// Harness
+
+type Frame = Record<string, any>;
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+const isBun = "Bun" in globalThis;
+
+function testConfig(overrides: Partial<Config> = {}): Config {
+  return { ...loadConfig({ LLM_PROVIDER: "demo" }), firstTokenTimeoutMs: 2000, ...overrides };
+}
+
+// The default persona's greeting waits for call_details; most tests want it at once.
+const testPersona = { ...PERSONA, greeting: "Hello, this is Ava." };
+
+/** Plays Retell: a WebSocket client that queues every frame the server sends. */
+class Retell {
+  frames: Frame[] = [];
+  private cursor = 0;
+  private waiters: (() => void)[] = [];
+  closedWith?: number;
+
+  private constructor(readonly ws: WebSocket) {
+    ws.onmessage = (e) => {
+      this.frames.push(JSON.parse(e.data as string));
+      this.waiters.splice(0).forEach((wake) => wake());
+    };
+    ws.onclose = (e) => {
+      this.closedWith = e.code;
+      this.waiters.splice(0).forEach((wake) => wake());
+    };
+  }
+
+  static connect(port: number, path = "/llm-websocket/call_1"): Promise<Retell> {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`);
+    return new Promise((resolve, reject) => {
+      ws.onopen = () => resolve(new Retell(ws));
+      ws.onerror = () => reject(new Error(`could not connect to ${path}`));
+    });
+  }
+
+  send(frame: unknown) {
+    this.ws.send(typeof frame === "string" ? frame : JSON.stringify(frame));
+  }
+
+  ask(response_id: number, transcript: unknown[], extra: Frame = {}) {
+    this.send({ interaction_type: "response_required", response_id, transcript, ...extra });
+  }
+
+  /** The next frame (in order) that matches, skipping others; fails after `ms`. */
+  async next(match: (f: Frame) => boolean = () => true, ms = 3000): Promise<Frame> {
+    const deadline = Date.now() + ms;
+    while (true) {
+      while (this.cursor < this.frames.length) {
+        const frame = this.frames[this.cursor++];
+        if (match(frame)) return frame;
+      }
+      if (this.closedWith !== undefined) throw new Error(`socket closed (${this.closedWith}) while waiting`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`no matching frame within ${ms} ms; got ${JSON.stringify(this.frames.slice(-5))}`);
+      await new Promise<void>((wake) => {
+        const timer = setTimeout(wake, left);
+        this.waiters.push(() => (clearTimeout(timer), wake()));
+      });
+    }
+  }
+
+  /** Waits for the reply to `id` to complete and returns its text and frames. */
+  async reply(id: number, ms = 3000) {
+    await this.next((f) => f.response_type === "response" && f.response_id === id && f.content_complete, ms);
+    const frames = this.frames.filter((f) => f.response_type === "response" && f.response_id === id);
+    return { text: frames.map((f) => f.content).join(""), frames };
+  }
+
+  /** Waits for config and greeting, the way every call starts. */
+  async opened() {
+    await this.next((f) => f.response_type === "config");
+    return this.next((f) => f.response_type === "response" && f.response_id === 0);
+  }
+
+  close() {
+    this.ws.close(1000);
+  }
+}
+
+/** A server for one test, closed afterwards even when the test fails. */
+async function withServer(
+  options: Parameters<typeof listen>[1],
+  body: (port: number, server: ReturnType<typeof listen>) => Promise<void>,
+) {
+  const server = listen(0, { config: testConfig(), persona: testPersona, ...options });
+  try {
+    await body(server.port, server);
+  } finally {
+    await server.close();
+  }
+}
+
+/** A brain whose replies are scripted per request; it records every request it gets. */
+function scripted(script: (req: BrainRequest, signal: AbortSignal, n: number) => AsyncIterable<BrainEvent>) {
+  const requests: BrainRequest[] = [];
+  const signals: AbortSignal[] = [];
+  const brain: Brain & { requests: BrainRequest[]; signals: AbortSignal[] } = {
+    provider: "scripted",
+    model: "script-1",
+    requests,
+    signals,
+    stream(req, signal) {
+      requests.push(structuredClone(req));
+      signals.push(signal);
+      return script(req, signal, requests.length);
+    },
+  };
+  return brain;
+}
+
+async function* say(...chunks: (string | number)[]): AsyncGenerator<BrainEvent> {
+  for (const c of chunks) {
+    if (typeof c === "number") await sleep(c);
+    else yield { type: "text", text: c };
+  }
+}
+
+async function* callTool(name: string, args: unknown, id = `call_${name}`): AsyncGenerator<BrainEvent> {
+  yield { type: "tool_call", id, name, args: JSON.stringify(args) };
+}
+
+/** Collects the JSON log lines printed while `body` runs. */
+async function captureLogs(body: () => Promise<void>) {
+  const lines: Frame[] = [];
+  const original = console.log;
+  console.log = (line: unknown) => {
+    try {
+      lines.push(JSON.parse(String(line)));
+    } catch {
+      original(line);
+    }
+  };
+  try {
+    await body();
+  } finally {
+    console.log = original;
+  }
+  return lines;
+}
+
+const user = (content: string) => ({ role: "user", content });
+const agent = (content: string) => ({ role: "agent", content });
+
+// ---------------------------------------------------------------------------------------
+// 1. Serving
+
+describe("serving", () => {
+  test("GET /health reports the provider and model in use", async () => {
+    await withServer({ brain: scripted(() => say("hi")) }, async (port) => {
+      const res = await fetch(`http://127.0.0.1:${port}/health`);
+      assert.equal(res.status, 200);
+      const body = await res.json();
+      assert.equal(body.provider, "scripted");
+      assert.equal(body.model, "script-1");
+      assert.equal(body.live_calls, 0);
+    });
+  });
+
+  test("a plain GET on the socket route asks for an upgrade", async () => {
+    await withServer({}, async (port) => {
+      const res = await fetch(`http://127.0.0.1:${port}/llm-websocket/abc`);
+      assert.equal(res.status, 426);
+      await res.body?.cancel();
+    });
+  });
+
+  test("main.ts uses no deprecated Hono runtime adapter", () => {
+    const source = readFileSync(new URL("./main.ts", import.meta.url), "utf8");
+    assert.doesNotMatch(source, /from "hono\/(deno|bun)"/);
+    assert.doesNotMatch(source, /createBunWebSocket/);
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 2. Opening
+
+describe("opening", () => {
+  test("sends config first, then the greeting as response 0", async () => {
+    await withServer({ persona: { ...PERSONA, greeting: "Hello, you reached Ava." } }, async (port) => {
+      const retell = await Retell.connect(port);
+      const first = await retell.next();
+      assert.deepEqual(first, {
+        response_type: "config",
+        config: { auto_reconnect: true, call_details: true, transcript_with_tool_calls: true },
+      });
+      const greeting = await retell.next();
+      assert.deepEqual(greeting, {
+        response_type: "response",
+        response_id: 0,
+        content: "Hello, you reached Ava.",
+        content_complete: true,
+      });
+      retell.close();
+    });
+  });
+
+  test("a greeting with {{variables}} waits for call_details and fills them", async () => {
+    await withServer({ persona: PERSONA }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.next((f) => f.response_type === "config");
+      await sleep(150);
+      assert.equal(retell.frames.length, 1, "greeting must wait for call_details");
+      retell.send({
+        interaction_type: "call_details",
+        call: { retell_llm_dynamic_variables: { customer_name: "Maria" } },
+      });
+      const greeting = await retell.next();
+      assert.equal(greeting.response_id, 0);
+      assert.equal(greeting.content, "Hi Maria! This is Ava at Sunrise Dental. How can I help you today?");
+      retell.close();
+    });
+  });
+
+  test("without call_details the greeting goes out after about a second, without the variable", async () => {
+    await withServer({ persona: PERSONA }, async (port) => {
+      const retell = await Retell.connect(port);
+      const started = Date.now();
+      const greeting = await retell.opened();
+      const waited = Date.now() - started;
+      assert.ok(waited >= 800 && waited < 2500, `waited ${waited} ms`);
+      assert.equal(greeting.content, "Hi! This is Ava at Sunrise Dental. How can I help you today?");
+      retell.close();
+    });
+  });
+
+  test("an empty greeting lets the caller speak first", async () => {
+    await withServer({ persona: { ...PERSONA, greeting: "" } }, async (port) => {
+      const retell = await Retell.connect(port);
+      const greeting = await retell.opened();
+      assert.equal(greeting.content, "");
+      assert.equal(greeting.content_complete, true);
+      retell.close();
+    });
+  });
+
+  test("a reconnect of a call that was already greeted does not greet again", async () => {
+    await withServer({ persona: { ...PERSONA, greeting: "Welcome!" } }, async (port) => {
+      const first = await Retell.connect(port, "/llm-websocket/call_again");
+      assert.equal((await first.opened()).content, "Welcome!");
+      first.close();
+      const second = await Retell.connect(port, "/llm-websocket/call_again");
+      assert.equal((await second.opened()).content, "");
+      second.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 3. Keepalive
+
+describe("keepalive", () => {
+  test("answers a ping with the same timestamp while a slow reply is streaming", async () => {
+    const brain = scripted(() => say("One ", 400, "two ", 400, "three."));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("count for me")]);
+      await retell.next((f) => f.response_id === 1 && f.content === "One ");
+      retell.send({ interaction_type: "ping_pong", timestamp: 1732700000123 });
+      const pong = await retell.next((f) => f.response_type === "ping_pong", 200);
+      assert.equal(pong.timestamp, 1732700000123);
+      const frames = retell.frames.filter((f) => f.response_id === 1);
+      assert.ok(!frames.some((f) => f.content_complete), "the pong came back before the reply finished");
+      assert.equal((await retell.reply(1)).text, "One two three.");
+      retell.close();
+    });
+  });
+
+  test("answers a ping while a tool is running", async () => {
+    const slowTool: Tool = {
+      name: "slow_lookup",
+      description: "slow",
+      schema: z.object({}),
+      run: () => sleep(500).then(() => ({ ok: true })),
+    };
+    const brain = scripted((_req, _s, n) => n === 1 ? callTool("slow_lookup", {}) : say("Found it."));
+    await withServer({ brain, tools: [slowTool] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("look it up")]);
+      await retell.next((f) => f.response_type === "tool_call_invocation");
+      retell.send({ interaction_type: "ping_pong", timestamp: 42 });
+      assert.equal((await retell.next((f) => f.response_type === "ping_pong", 200)).timestamp, 42);
+      assert.equal((await retell.reply(1)).text, "Found it.");
+      retell.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 4. Turns
+
+describe("turns", () => {
+  test("streams a reply tagged with its response_id and completes it exactly once", async () => {
+    const brain = scripted(() => say("Sure, ", "we open ", "at nine."));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(3, [agent("Hi!"), user("When do you open?")]);
+      const { text, frames } = await retell.reply(3);
+      assert.equal(text, "Sure, we open at nine.");
+      assert.ok(frames.length >= 3, "streamed in chunks");
+      assert.equal(frames.filter((f) => f.content_complete).length, 1);
+      assert.ok(frames.every((f) => f.response_type === "response" && typeof f.content === "string"));
+      await sleep(100);
+      assert.equal(retell.frames.filter((f) => f.response_id === 3 && f.content_complete).length, 1);
+      retell.close();
+    });
+  });
+
+  test("a reminder tells the model the caller has gone quiet", async () => {
+    const brain = scripted(() => say("Are you still there?"));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.send({
+        interaction_type: "reminder_required",
+        response_id: 2,
+        transcript: [user("hm"), agent("Can I help?")],
+      });
+      assert.equal((await retell.reply(2)).text, "Are you still there?");
+      const last = brain.requests[0].messages.at(-1);
+      assert.deepEqual(last, { role: "user", text: PERSONA.reminder });
+      retell.close();
+    });
+  });
+
+  test("update_only gets no reply", async () => {
+    const brain = scripted(() => say("should not be said"));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      const before = retell.frames.length;
+      retell.send({ interaction_type: "update_only", transcript: [user("hello")], turntaking: "user_turn" });
+      retell.send({ interaction_type: "ping_pong", timestamp: 7 });
+      await retell.next((f) => f.response_type === "ping_pong");
+      await sleep(100);
+      assert.equal(retell.frames.length, before + 1, "only the pong came back");
+      assert.equal(brain.requests.length, 0);
+      retell.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 5. Stateless prompt
+
+describe("stateless prompt", () => {
+  test("a reconnect with the full transcript, tool calls included, continues the call", async () => {
+    const brain = scripted(() => say("You're booked for Tuesday at ten."));
+    await withServer({ brain }, async (port) => {
+      const first = await Retell.connect(port, "/llm-websocket/call_rc");
+      await first.opened();
+      first.ws.close(3001);
+      const retell = await Retell.connect(port, "/llm-websocket/call_rc");
+      await retell.opened();
+      const transcript = [agent("Hi, this is Ava."), user("Is Tuesday at ten free?")];
+      retell.ask(7, [...transcript, agent("It is."), user("Great, thanks.")], {
+        transcript_with_tool_calls: [
+          ...transcript,
+          { role: "tool_call_invocation", tool_call_id: "call_9", name: "check", arguments: '{"day":"tuesday"}' },
+          { role: "tool_call_result", tool_call_id: "call_9", content: '{"free":true}' },
+          agent("It is."),
+          user("Great, thanks."),
+          { role: "user", content: "   " },
+        ],
+      });
+      assert.equal((await retell.reply(7)).text, "You're booked for Tuesday at ten.");
+      assert.deepEqual(brain.requests[0].messages, [
+        { role: "assistant", text: "Hi, this is Ava." },
+        { role: "user", text: "Is Tuesday at ten free?" },
+        { role: "tool_call", id: "call_9", name: "check", args: '{"day":"tuesday"}' },
+        { role: "tool_result", id: "call_9", content: '{"free":true}' },
+        { role: "assistant", text: "It is." },
+        { role: "user", text: "Great, thanks." },
+      ]);
+      retell.close();
+    });
+  });
+
+  test("Claude messages alternate, start with the user, merge turns and drop empty ones", () => {
+    const messages = toClaudeMessages([
+      { role: "assistant", text: "Hi, this is Ava." },
+      { role: "user", text: "Hello" },
+      { role: "user", text: "are you there?" },
+      { role: "tool_call", id: "call.1", name: "check", args: '{"day":"mon"}' },
+      { role: "tool_call", id: "call.2", name: "check", args: "not json" },
+      { role: "tool_result", id: "call.1", content: "free" },
+      { role: "tool_result", id: "call.2", content: "busy" },
+      { role: "assistant", text: "Monday is free." },
+    ]);
+    assert.deepEqual(messages.map((m) => m.role), [
+      "user",
+      "assistant",
+      "user",
+      "assistant",
+      "user",
+      "assistant",
+      "user",
+    ]);
+    assert.deepEqual(messages[2].content, [{ type: "text", text: "Hello" }, { type: "text", text: "are you there?" }]);
+    assert.deepEqual(messages[3].content, [
+      { type: "tool_use", id: "call_1", name: "check", input: { day: "mon" } },
+      { type: "tool_use", id: "call_2", name: "check", input: {} },
+    ]);
+    assert.deepEqual(messages[4].content, [
+      { type: "tool_result", tool_use_id: "call_1", content: "free" },
+      { type: "tool_result", tool_use_id: "call_2", content: "busy" },
+    ]);
+  });
+
+  test("an invocation without a recorded result still gets a result, so providers accept it", async () => {
+    const brain = scripted(() => say("ok"));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [], {
+        transcript_with_tool_calls: [
+          user("book it"),
+          { role: "tool_call_invocation", tool_call_id: "c1", name: "book", arguments: "{}" },
+          user("hello?"),
+        ],
+      });
+      await retell.reply(1);
+      assert.deepEqual(brain.requests[0].messages.slice(1, 3), [
+        { role: "tool_call", id: "c1", name: "book", args: "{}" },
+        { role: "tool_result", id: "c1", content: "(no result was recorded)" },
+      ]);
+      retell.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 6. Superseded requests
+
+describe("superseded requests", () => {
+  test("a newer request aborts the older one and no frame for the older id follows", async () => {
+    const brain = scripted(async function* (_req, _signal, n) {
+      if (n === 1) {
+        for (let i = 0; i < 200; i++) {
+          yield { type: "text", text: `old ${i} ` };
+          await sleep(10);
+        }
+      } else yield* say("New answer.");
+    });
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("first")]);
+      await retell.next((f) => f.response_id === 1 && f.content === "old 3 ");
+      retell.ask(2, [user("first and more")]);
+      const firstNew = await retell.next((f) => f.response_id === 2);
+      assert.equal(brain.signals[0].aborted, true, "the old request's signal is aborted");
+      assert.equal((await retell.reply(2)).text, "New answer.");
+      await sleep(100);
+      const afterNew = retell.frames.slice(retell.frames.indexOf(firstNew));
+      assert.equal(afterNew.filter((f) => f.response_id === 1).length, 0, "no stale frame");
+      assert.equal(retell.frames.filter((f) => f.response_id === 1 && f.content_complete).length, 0);
+      retell.close();
+    });
+  });
+
+  test("a request older than the latest is ignored", async () => {
+    const brain = scripted((req) => say(`reply to ${(req.messages.at(-1) as { text: string }).text}`));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(5, [user("five")]);
+      await retell.reply(5);
+      retell.ask(4, [user("four")]);
+      retell.ask(6, [user("six")]);
+      assert.equal((await retell.reply(6)).text, "reply to six");
+      assert.equal(retell.frames.filter((f) => f.response_id === 4).length, 0);
+      retell.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 7. Never silent
+
+describe("never silent", () => {
+  test("a model error is spoken as an apology, completed, and the next turn works", async () => {
+    const brain = scripted(async function* (_req, _signal, n) {
+      if (n === 1) {
+        yield { type: "text", text: "Let me " };
+        throw new Error("model exploded");
+      }
+      yield* say("Back again.");
+    });
+    const logs = await captureLogs(() =>
+      withServer({ brain }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("hi")]);
+        const { text, frames } = await retell.reply(1);
+        assert.equal(text, `Let me  ${PERSONA.apology}`);
+        assert.equal(frames.filter((f) => f.content_complete).length, 1);
+        retell.ask(2, [user("hi again")]);
+        assert.equal((await retell.reply(2)).text, "Back again.");
+        assert.equal(retell.closedWith, undefined, "the socket stays open");
+        retell.close();
+      })
+    );
+    const turns = logs.filter((l) => l.event === "turn");
+    assert.deepEqual(turns.map((t) => t.outcome), ["error", "completed"]);
+  });
+
+  test("no first token within FIRST_TOKEN_TIMEOUT_MS is answered and the hung request aborted", async () => {
+    const brain = scripted(async function* (_req, signal, n) {
+      if (n === 1) await new Promise(() => {}); // hangs forever, ignores the signal
+      yield* say(signal.aborted ? "aborted" : "Quick one.");
+    });
+    const logs = await captureLogs(() =>
+      withServer({ brain, config: testConfig({ firstTokenTimeoutMs: 250 }) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        const started = Date.now();
+        retell.ask(1, [user("hello?")]);
+        const { text } = await retell.reply(1);
+        assert.equal(text, PERSONA.apology);
+        assert.ok(Date.now() - started < 1500);
+        assert.equal(brain.signals[0].aborted, true);
+        retell.ask(2, [user("hello?")]);
+        assert.equal((await retell.reply(2)).text, "Quick one.");
+        retell.close();
+      })
+    );
+    assert.deepEqual(logs.filter((l) => l.event === "turn").map((t) => t.outcome), ["timeout", "completed"]);
+  });
+
+  test("a stream that stalls after its first words is finished with the apology", async () => {
+    const brain = scripted(() => say("Well, ", 5000, "never"));
+    await withServer({ brain, config: testConfig({ firstTokenTimeoutMs: 200 }) }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("hm")]);
+      assert.equal((await retell.reply(1)).text, `Well,  ${PERSONA.apology}`);
+      retell.close();
+    });
+  });
+
+  test("a brain that throws before streaming is answered too", async () => {
+    const brain: Brain = {
+      provider: "broken",
+      model: "x",
+      stream() {
+        throw new Error("sync failure");
+      },
+    };
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("hi")]);
+      assert.equal((await retell.reply(1)).text, PERSONA.apology);
+      retell.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 8. Providers
+
+describe("provider choice", () => {
+  test("picks the provider whose key is set, and the demo brain with none", () => {
+    assert.equal(loadConfig({}).provider, "demo");
+    assert.equal(loadConfig({ OPENAI_API_KEY: "sk-x" }).provider, "openai");
+    assert.equal(loadConfig({ ANTHROPIC_API_KEY: "sk-ant" }).provider, "anthropic");
+    assert.equal(
+      loadConfig({ ANTHROPIC_API_KEY: "a", OPENAI_API_KEY: "b", LLM_PROVIDER: "anthropic" }).provider,
+      "anthropic",
+    );
+    assert.equal(loadConfig({ OPENAI_API_KEY: "b" }).model, "gpt-4.1-mini");
+    assert.equal(loadConfig({ OPENAI_API_KEY: "b", OPENAI_MODEL: "llama3.2" }).model, "llama3.2");
+    assert.equal(
+      loadConfig({ LLM_PROVIDER: "openai", OPENAI_BASE_URL: "http://localhost:11434/v1" }).provider,
+      "openai",
+    );
+  });
+
+  test("an unknown provider or a bad number stops with a sentence naming the fix", () => {
+    assert.throws(() => loadConfig({ LLM_PROVIDER: "gemini" }), {
+      name: "Error",
+      message: 'LLM_PROVIDER must be one of openai, anthropic, demo (got "gemini").',
+    });
+    assert.throws(() => loadConfig({ LLM_PROVIDER: "anthropic" }), ConfigError);
+    assert.throws(
+      () => loadConfig({ FIRST_TOKEN_TIMEOUT_MS: "soon" }),
+      /FIRST_TOKEN_TIMEOUT_MS must be a whole number/,
+    );
+    assert.throws(() => loadConfig({ TRANSFER_NUMBER: "555-1234" }), /TRANSFER_NUMBER must be an E\.164/);
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 9. Persona
+
+describe("persona", () => {
+  test("the system prompt is filled from call_details and carries today's date", async () => {
+    const brain = scripted(() => say("Hi Maria."));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port, "/llm-websocket/call_p");
+      await retell.next((f) => f.response_type === "config");
+      retell.send({
+        interaction_type: "call_details",
+        call: { retell_llm_dynamic_variables: { customer_name: "Maria" } },
+      });
+      await retell.next((f) => f.response_id === 0);
+      retell.ask(1, [user("hi")]);
+      await retell.reply(1);
+      const system = brain.requests[0].system;
+      assert.match(system, /The caller's name, if known: Maria\./);
+      const year = String(new Date().getFullYear());
+      assert.ok(system.includes(year), "has the current date");
+      assert.doesNotMatch(system, /\{\{/);
+      assert.match(system, /markdown/);
+      retell.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 10. Tools
+
+describe("tools", () => {
+  test("end_call puts its flag on the frame carrying the goodbye", async () => {
+    const brain = scripted(() => callTool("end_call", { message: "Thanks for calling, bye!" }));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(4, [user("that's all, bye")]);
+      const { frames } = await retell.reply(4);
+      const spoken = frames.filter((f) => f.content);
+      assert.equal(spoken.length, 1);
+      assert.equal(spoken[0].content, "Thanks for calling, bye!");
+      assert.equal(spoken[0].end_call, true);
+      assert.equal(spoken[0].content_complete, true);
+      retell.close();
+    });
+  });
+
+  test("transfer_call sends TRANSFER_NUMBER as transfer_number", async () => {
+    const brain = scripted(() => callTool("transfer_call", { message: "Connecting you now." }));
+    await withServer({ brain, config: testConfig({ transferNumber: "+14155550100" }) }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("a human please")]);
+      const { frames } = await retell.reply(1);
+      const spoken = frames.find((f) => f.content)!;
+      assert.equal(spoken.content, "Connecting you now.");
+      assert.equal(spoken.transfer_number, "+14155550100");
+      assert.equal(spoken.end_call, undefined);
+      retell.close();
+    });
+  });
+
+  test("transfer_call without a number tells the model instead of transferring", async () => {
+    const brain = scripted((req, _s, n) =>
+      n === 1 ? callTool("transfer_call", { message: "One sec." }) : say(
+        (req.messages.at(-1) as { content: string }).content.includes("No transfer number")
+          ? "I can take a message."
+          : "?",
+      )
+    );
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("a human please")]);
+      const { text, frames } = await retell.reply(1);
+      assert.equal(text, "I can take a message.");
+      assert.ok(frames.every((f) => f.transfer_number === undefined));
+      retell.close();
+    });
+  });
+
+  test("a tool call loops back to the model with its result, reported to Retell", async () => {
+    const hours: Tool = {
+      name: "opening_hours",
+      description: "Opening hours for a day",
+      schema: z.object({ day: z.string() }),
+      run: ({ day }: { day: string }) => ({ day, opens: "9:00" }),
+    };
+    const brain = scripted((req, _s, n) =>
+      n === 1 ? callTool("opening_hours", { day: "monday" }, "call_h1") : say(
+        `We open at ${JSON.parse((req.messages.at(-1) as { content: string }).content).opens}.`,
+      )
+    );
+    await withServer({ brain, tools: [...TOOLS, hours] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("When do you open on Monday?")]);
+      assert.equal((await retell.reply(1)).text, "We open at 9:00.");
+      const invocation = retell.frames.find((f) => f.response_type === "tool_call_invocation")!;
+      assert.deepEqual(invocation, {
+        response_type: "tool_call_invocation",
+        tool_call_id: "call_h1",
+        name: "opening_hours",
+        arguments: '{"day":"monday"}',
+      });
+      const result = retell.frames.find((f) => f.response_type === "tool_call_result")!;
+      assert.deepEqual(result, {
+        response_type: "tool_call_result",
+        tool_call_id: "call_h1",
+        content: '{"day":"monday","opens":"9:00"}',
+        successful: true,
+      });
+      assert.deepEqual(brain.requests[1].messages.slice(-2), [
+        { role: "tool_call", id: "call_h1", name: "opening_hours", args: '{"day":"monday"}' },
+        { role: "tool_result", id: "call_h1", content: '{"day":"monday","opens":"9:00"}' },
+      ]);
+      const spec = brain.requests[0].tools.find((t) => t.name === "opening_hours")!;
+      assert.deepEqual(spec.parameters, {
+        type: "object",
+        properties: { day: { type: "string" } },
+        required: ["day"],
+      });
+      retell.close();
+    });
+  });
+
+  test("an unknown tool, bad arguments and a throwing tool all go back to the model", async () => {
+    const boom: Tool = {
+      name: "boom",
+      description: "fails",
+      schema: z.object({}),
+      run: () => Promise.reject(new Error("db down")),
+    };
+    const brain = scripted(async function* (req, _s, n) {
+      if (n === 1) {
+        yield* callTool("nope", {}, "c1");
+        yield* callTool("end_call", { message: 42 }, "c2");
+        yield* callTool("boom", {}, "c3");
+      } else yield* say(`${req.messages.filter((m) => m.role === "tool_result").length} failures.`);
+    });
+    await withServer({ brain, tools: [...TOOLS, boom] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("do things")]);
+      assert.equal((await retell.reply(1)).text, "3 failures.");
+      const results = retell.frames.filter((f) => f.response_type === "tool_call_result");
+      assert.equal(results.length, 3);
+      assert.ok(results.every((r) => r.successful === false && r.content.includes("error")));
+      assert.match(results.find((r) => r.tool_call_id === "c3")!.content, /db down/);
+      retell.close();
+    });
+  });
+
+  test("a model that never stops calling tools is cut off with a spoken apology", async () => {
+    const ping: Tool = { name: "again", description: "loop", schema: z.object({}), run: () => "ok" };
+    const brain = scripted((_r, _s, n) => callTool("again", {}, `c${n}`));
+    await withServer({ brain, tools: [ping] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("loop")]);
+      assert.equal((await retell.reply(1)).text, PERSONA.apology);
+      assert.ok(brain.requests.length <= 5);
+      retell.close();
+    });
+  });
+
+  test("CallAction from a custom tool can press digits", async () => {
+    const press: Tool = {
+      name: "press",
+      description: "press a digit",
+      schema: z.object({ digit: z.string() }),
+      run: ({ digit }: { digit: string }) => new CallAction("", { digit_to_press: digit }),
+    };
+    const brain = scripted(() => callTool("press", { digit: "2" }));
+    await withServer({ brain, tools: [press] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("press 2 for sales")]);
+      const { frames } = await retell.reply(1);
+      assert.equal(frames.at(-1)!.digit_to_press, "2");
+      retell.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 11. Auth
+
+/** Sends a raw upgrade request and returns the HTTP status the server answered with. */
+function upgradeStatus(port: number, path: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({
+      port,
+      host: "127.0.0.1",
+      path,
+      headers: {
+        Connection: "Upgrade",
+        Upgrade: "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+      },
+    });
+    req.on("response", (res) => {
+      res.resume();
+      resolve(res.statusCode!);
+    });
+    req.on("upgrade", (res, socket) => {
+      socket.destroy();
+      resolve(res.statusCode!);
+    });
+    req.on("error", reject);
+    req.end();
+  });
+}
+
+describe("auth", () => {
+  test("with AUTH_TOKEN set, an upgrade without the right token is refused with 401", async () => {
+    await withServer({ config: testConfig({ authToken: "s3cret-token" }) }, async (port) => {
+      assert.equal(await upgradeStatus(port, "/llm-websocket/c1"), 401);
+      assert.equal(await upgradeStatus(port, "/llm-websocket/c1?token=wrong"), 401);
+      assert.equal(await upgradeStatus(port, "/llm-websocket/c1?token=s3cret-token"), 101);
+      const retell = await Retell.connect(port, "/llm-websocket/c1?token=s3cret-token");
+      assert.equal((await retell.next()).response_type, "config");
+      retell.close();
+      await assert.rejects(Retell.connect(port, "/llm-websocket/c1?token=s3cret"));
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 12. Bad input
+
+describe("bad input", () => {
+  test("malformed frames are logged once each and the call goes on", async () => {
+    const brain = scripted(() => say("Still here."));
+    const logs = await captureLogs(() =>
+      withServer({ brain }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        const bad = [
+          "not json",
+          "null",
+          "[1,2]",
+          JSON.stringify({ interaction_type: "dance" }),
+          JSON.stringify({ interaction_type: "response_required", response_id: "7", transcript: [] }),
+          JSON.stringify({ interaction_type: "response_required", response_id: -1, transcript: [] }),
+          JSON.stringify({ interaction_type: "response_required", response_id: 1.5, transcript: [] }),
+          JSON.stringify({ interaction_type: "ping_pong", timestamp: "now" }),
+          JSON.stringify({ interaction_type: null }),
+          "[".repeat(100_000) + "]".repeat(100_000),
+          JSON.stringify({ interaction_type: "call_details", call: { retell_llm_dynamic_variables: [[[["x"]]]] } }),
+        ];
+        for (const frame of bad) retell.send(frame);
+        retell.ws.send(new Uint8Array([1, 2, 3]));
+        retell.ask(1, [user("hello")]);
+        assert.equal((await retell.reply(1)).text, "Still here.");
+        assert.equal(
+          retell.frames.filter((f) => f.response_type === "response" && f.response_id !== 0 && f.response_id !== 1)
+            .length,
+          0,
+        );
+        retell.close();
+      })
+    );
+    const badLines = logs.filter((l) => l.event === "bad_frame");
+    assert.equal(badLines.length, 11, JSON.stringify(badLines)); // call_details with junk variables is tolerated
+    assert.ok(badLines.some((l) => l.reason === "binary frame"));
+  });
+
+  test("junk inside a transcript drops the bad items, not the turn", async () => {
+    const brain = scripted(() => say("ok"));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [null, 5, { role: "user" }, { role: "user", content: { deep: [1] } }, user("real"), { role: 7 }]);
+      await retell.reply(1);
+      assert.deepEqual(brain.requests[0].messages, [{ role: "user", text: "real" }]);
+      retell.ask(2, "not an array" as unknown as unknown[]);
+      assert.equal((await retell.reply(2)).text, "ok");
+      retell.close();
+    });
+  });
+
+  test("a transcript frame of 8 MB is accepted", async () => {
+    const brain = scripted((req) => say(`${req.messages.length} messages`));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      const utterance = "x".repeat(1000);
+      const transcript = Array.from({ length: 8200 }, (_, i) => (i % 2 ? user(utterance) : agent(utterance)));
+      const frame = JSON.stringify({ interaction_type: "response_required", response_id: 1, transcript });
+      assert.ok(frame.length >= 8 * 1024 * 1024);
+      retell.send(frame);
+      const { text } = await retell.reply(1, 5000);
+      assert.match(text, /^\d+ messages$/);
+      retell.close();
+    });
+  });
+
+  test("a badly encoded call id in the path still connects", async () => {
+    await withServer({}, async (port) => {
+      const retell = await Retell.connect(port, "/llm-websocket/%E0%A4%A");
+      assert.equal((await retell.next()).response_type, "config");
+      retell.close();
+    });
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// 13. Observability
+
+describe("observability", () => {
+  test("one JSON line per turn and per connection open and close, without the transcript", async () => {
+    const brain = scripted(() => say("Hello ", "there."));
+    const logs = await captureLogs(() =>
+      withServer({ brain }, async (port) => {
+        const retell = await Retell.connect(port, "/llm-websocket/call_log");
+        await retell.opened();
+        retell.ask(1, [user("my secret is swordfish")]);
+        await retell.reply(1);
+        retell.ws.close(1000);
+        await sleep(200);
+      })
+    );
+    const turn = logs.find((l) => l.event === "turn")!;
+    assert.equal(turn.call_id, "call_log");
+    assert.equal(turn.response_id, 1);
+    assert.equal(turn.provider, "scripted");
+    assert.equal(turn.model, "script-1");
+    assert.equal(typeof turn.ttft_ms, "number");
+    assert.equal(typeof turn.total_ms, "number");
+    assert.equal(turn.chars, "Hello there.".length);
+    assert.deepEqual(turn.tools, []);
+    assert.equal(turn.outcome, "completed");
+    assert.equal(logs.filter((l) => l.event === "call_open" && l.call_id === "call_log").length, 1);
+    const close = logs.find((l) => l.event === "call_close" && l.call_id === "call_log")!;
+    assert.equal(close.code, 1000);
+    assert.ok(!JSON.stringify(logs).includes("swordfish"), "the transcript is not logged");
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// Real SDKs against local fake providers speaking the real streaming wire formats
+
+interface FakeProvider {
+  baseUrl: string;
+  requests: { headers: http.IncomingHttpHeaders; body: Frame }[];
+  cancelled: number[];
+  close(): Promise<void>;
+}
+
+/** A local HTTP server; `reply` writes the n-th response (n from 1) as server-sent events. */
+async function fakeProvider(
+  reply: (res: http.ServerResponse, body: Frame, n: number) => void | Promise<void>,
+): Promise<FakeProvider> {
+  const fake = { requests: [], cancelled: [] } as unknown as FakeProvider;
+  const server = http.createServer((req, res) => {
+    let raw = "";
+    req.on("data", (chunk) => raw += chunk);
+    req.on("end", async () => {
+      const n = fake.requests.push({ headers: req.headers, body: JSON.parse(raw) });
+      res.on("close", () => !res.writableEnded && fake.cancelled.push(n));
+      await reply(res, fake.requests[n - 1].body, n);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as net.AddressInfo;
+  fake.baseUrl = `http://127.0.0.1:${port}`;
+  fake.close = () => {
+    server.closeAllConnections?.();
+    return new Promise((resolve) => server.close(() => resolve()));
+  };
+  return fake;
+}
+
+const sse = (res: http.ServerResponse) =>
+  res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
+
+const openaiChunk = (delta: Frame, finish: string | null = null) =>
+  `data: ${
+    JSON.stringify({
+      id: "chatcmpl-1",
+      object: "chat.completion.chunk",
+      created: 0,
+      model: "gpt-test",
+      choices: [{ index: 0, delta, finish_reason: finish }],
+    })
+  }\n\n`;
+
+const claudeEvent = (type: string, data: Frame = {}) =>
+  `event: ${type}\ndata: ${JSON.stringify({ type, ...data })}\n\n`;
+
+/** Streams `frames` one by one, then ends the response (unless the client went away). */
+async function stream(res: http.ServerResponse, frames: string[], gapMs = 1) {
+  sse(res);
+  for (const frame of frames) {
+    if (res.destroyed) return;
+    res.write(frame);
+    await sleep(gapMs);
+  }
+  res.end();
+}
+
+const hoursTool: Tool = {
+  name: "opening_hours",
+  description: "Opening hours for one day of the week",
+  schema: z.object({ day: z.string().describe("Day of the week") }),
+  run: ({ day }: { day: string }) => ({ day, opens: day === "monday" ? "9:00" : "10:00" }),
+};
+
+function openaiConfig(fake: FakeProvider) {
+  return testConfig(loadConfig({ OPENAI_API_KEY: "sk-test", OPENAI_BASE_URL: `${fake.baseUrl}/v1` }));
+}
+
+function claudeConfig(fake: FakeProvider) {
+  return testConfig(loadConfig({ ANTHROPIC_API_KEY: "sk-ant-test", ANTHROPIC_BASE_URL: fake.baseUrl }));
+}
+
+describe("OpenAI through the real SDK", () => {
+  test("streams text, runs parallel tool calls and sends their results back", async () => {
+    const fake = await fakeProvider((res, _body, n) =>
+      n === 1
+        ? stream(res, [
+          openaiChunk({ role: "assistant", content: "" }),
+          openaiChunk({
+            tool_calls: [{
+              index: 0,
+              id: "call_A",
+              type: "function",
+              function: { name: "opening_hours", arguments: "" },
+            }],
+          }),
+          openaiChunk({ tool_calls: [{ index: 0, function: { arguments: '{"day":' } }] }),
+          openaiChunk({ tool_calls: [{ index: 0, function: { arguments: '"monday"}' } }] }),
+          openaiChunk({
+            tool_calls: [{
+              index: 1,
+              id: "call_B",
+              type: "function",
+              function: { name: "opening_hours", arguments: '{"day":"tuesday"}' },
+            }],
+          }),
+          openaiChunk({}, "tool_calls"),
+          "data: [DONE]\n\n",
+        ])
+        : stream(res, [
+          openaiChunk({ content: "Monday at nine, " }),
+          openaiChunk({ content: "Tuesday at ten." }),
+          openaiChunk({}, "stop"),
+          "data: [DONE]\n\n",
+        ])
+    );
+    try {
+      await withServer({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [agent("Hello, this is Ava."), user("When do you open Monday and Tuesday?")]);
+        assert.equal((await retell.reply(1)).text, "Monday at nine, Tuesday at ten.");
+        const [first, second] = fake.requests;
+        assert.equal(first.headers.authorization, "Bearer sk-test");
+        assert.equal(first.body.model, "gpt-4.1-mini");
+        assert.equal(first.body.stream, true);
+        assert.equal(first.body.messages[0].role, "system");
+        assert.deepEqual(first.body.messages.slice(1), [
+          { role: "assistant", content: "Hello, this is Ava." },
+          { role: "user", content: "When do you open Monday and Tuesday?" },
+        ]);
+        const tool = first.body.tools.find((t: Frame) => t.function.name === "opening_hours");
+        assert.deepEqual(tool, {
+          type: "function",
+          function: {
+            name: "opening_hours",
+            description: "Opening hours for one day of the week",
+            parameters: {
+              type: "object",
+              properties: { day: { type: "string", description: "Day of the week" } },
+              required: ["day"],
+            },
+          },
+        });
+        assert.deepEqual(second.body.messages.slice(3), [
+          {
+            role: "assistant",
+            content: null,
+            tool_calls: [
+              { id: "call_A", type: "function", function: { name: "opening_hours", arguments: '{"day":"monday"}' } },
+              { id: "call_B", type: "function", function: { name: "opening_hours", arguments: '{"day":"tuesday"}' } },
+            ],
+          },
+          { role: "tool", tool_call_id: "call_A", content: '{"day":"monday","opens":"9:00"}' },
+          { role: "tool", tool_call_id: "call_B", content: '{"day":"tuesday","opens":"10:00"}' },
+        ]);
+        assert.equal(retell.frames.filter((f) => f.response_type === "tool_call_result").length, 2);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("a newer request cancels the older request's HTTP stream at once", async () => {
+    const fake = await fakeProvider((res, _body, n) =>
+      n === 1
+        ? stream(res, Array.from({ length: 400 }, (_, i) => openaiChunk({ content: `word${i} ` })), 10)
+        : stream(res, [openaiChunk({ content: "Fresh answer." }), "data: [DONE]\n\n"])
+    );
+    try {
+      await withServer({ config: openaiConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("tell me everything")]);
+        await retell.next((f) => f.response_id === 1 && f.content === "word2 ");
+        retell.ask(2, [user("actually, just one thing")]);
+        assert.equal((await retell.reply(2)).text, "Fresh answer.");
+        const deadline = Date.now() + 1000;
+        while (!fake.cancelled.includes(1) && Date.now() < deadline) await sleep(5);
+        assert.deepEqual(fake.cancelled, [1], "the first upstream stream was closed by the client");
+        const staleAfter = retell.frames.slice(retell.frames.findIndex((f) => f.response_id === 2));
+        assert.equal(staleAfter.filter((f) => f.response_id === 1).length, 0);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("an HTTP 500 from the provider is spoken as an apology and the turn completes", async () => {
+    const fake = await fakeProvider((res) => {
+      res.writeHead(500, { "content-type": "application/json" });
+      res.end(JSON.stringify({ error: { message: "boom", type: "server_error" } }));
+    });
+    try {
+      await withServer({ config: openaiConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("hi")]);
+        const { text, frames } = await retell.reply(1, 5000);
+        assert.equal(text, PERSONA.apology);
+        assert.equal(frames.filter((f) => f.content_complete).length, 1);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+});
+
+describe("Claude through the real SDK", () => {
+  const textReply = (...parts: string[]) => [
+    claudeEvent("message_start", {
+      message: {
+        id: "msg_1",
+        type: "message",
+        role: "assistant",
+        model: "claude-test",
+        content: [],
+        stop_reason: null,
+        stop_sequence: null,
+        usage: { input_tokens: 10, output_tokens: 1 },
+      },
+    }),
+    claudeEvent("content_block_start", { index: 0, content_block: { type: "text", text: "" } }),
+    claudeEvent("ping"),
+    ...parts.map((text) => claudeEvent("content_block_delta", { index: 0, delta: { type: "text_delta", text } })),
+    claudeEvent("content_block_stop", { index: 0 }),
+    claudeEvent("message_delta", {
+      delta: { stop_reason: "end_turn", stop_sequence: null },
+      usage: { output_tokens: 5 },
+    }),
+    claudeEvent("message_stop"),
+  ];
+  const toolReply = [
+    textReply()[0],
+    claudeEvent("content_block_start", { index: 0, content_block: { type: "text", text: "" } }),
+    claudeEvent("content_block_delta", { index: 0, delta: { type: "text_delta", text: "Let me check. " } }),
+    claudeEvent("content_block_stop", { index: 0 }),
+    claudeEvent("content_block_start", {
+      index: 1,
+      content_block: { type: "tool_use", id: "toolu_01", name: "opening_hours", input: {} },
+    }),
+    claudeEvent("content_block_delta", { index: 1, delta: { type: "input_json_delta", partial_json: '{"day": "mon' } }),
+    claudeEvent("content_block_delta", { index: 1, delta: { type: "input_json_delta", partial_json: 'day"}' } }),
+    claudeEvent("content_block_stop", { index: 1 }),
+    claudeEvent("message_delta", {
+      delta: { stop_reason: "tool_use", stop_sequence: null },
+      usage: { output_tokens: 20 },
+    }),
+    claudeEvent("message_stop"),
+  ];
+
+  test("streams text, runs a tool and sends its result back as a tool_result turn", async () => {
+    const fake = await fakeProvider((res, _body, n) =>
+      stream(res, n === 1 ? toolReply : textReply("We open ", "at nine."))
+    );
+    try {
+      await withServer({ config: claudeConfig(fake), tools: [...TOOLS, hoursTool] }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [agent("Hello, this is Ava."), user("When do you open on Monday?")]);
+        assert.equal((await retell.reply(1)).text, "Let me check. We open at nine.");
+        const [first, second] = fake.requests;
+        assert.equal(first.headers.authorization, "Bearer sk-ant-test");
+        assert.equal(first.body.model, "claude-haiku-4-5");
+        assert.match(first.body.system, /Sunrise Dental/);
+        const tool = first.body.tools.find((t: Frame) => t.name === "opening_hours");
+        assert.deepEqual(tool.input_schema.required, ["day"]);
+        assert.deepEqual(second.body.messages, [
+          { role: "user", content: [{ type: "text", text: "(The call has started.)" }] },
+          { role: "assistant", content: [{ type: "text", text: "Hello, this is Ava." }] },
+          { role: "user", content: [{ type: "text", text: "When do you open on Monday?" }] },
+          {
+            role: "assistant",
+            content: [{ type: "tool_use", id: "toolu_01", name: "opening_hours", input: { day: "monday" } }],
+          },
+          {
+            role: "user",
+            content: [{ type: "tool_result", tool_use_id: "toolu_01", content: '{"day":"monday","opens":"9:00"}' }],
+          },
+        ]);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("the request alternates roles: merged user turns, no empty utterances, user last", async () => {
+    const fake = await fakeProvider((res) => stream(res, textReply("Sure.")));
+    try {
+      await withServer({ config: claudeConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [
+          user("hi"),
+          user(""),
+          user("is anyone there"),
+          agent("Yes!"),
+          agent("  "),
+          agent("How can I help?"),
+        ]);
+        assert.equal((await retell.reply(1)).text, "Sure.");
+        const messages = fake.requests[0].body.messages;
+        assert.deepEqual(messages.map((m: Frame) => m.role), ["user", "assistant", "user"]);
+        assert.deepEqual(messages[0].content.map((b: Frame) => b.text), ["hi", "is anyone there"]);
+        assert.deepEqual(messages[1].content.map((b: Frame) => b.text), ["Yes!", "How can I help?"]);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("a newer request cancels the older Claude stream, and an overloaded error is spoken", async () => {
+    const fake = await fakeProvider((res, _body, n) => {
+      if (n === 1) return stream(res, textReply(...Array.from({ length: 400 }, (_, i) => `w${i} `)), 10);
+      return stream(res, [
+        claudeEvent("error", { error: { type: "overloaded_error", message: "Overloaded" } }),
+      ]);
+    });
+    try {
+      await withServer({ config: claudeConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("talk")]);
+        await retell.next((f) => f.response_id === 1 && f.content === "w2 ");
+        retell.ask(2, [user("stop")]);
+        assert.equal((await retell.reply(2, 5000)).text, PERSONA.apology);
+        const deadline = Date.now() + 1000;
+        while (!fake.cancelled.includes(1) && Date.now() < deadline) await sleep(5);
+        assert.ok(fake.cancelled.includes(1), "the first upstream stream was closed by the client");
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// Starting the real program
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const server = net.createServer().listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Runs main.ts as its own process the way a user would; returns its output when it ends. */
+function runMain(args: string[], env: Record<string, string>) {
+  const clean = { ...process.env } as Record<string, string>;
+  for (const key of Object.keys(clean)) if (/^(OPENAI|ANTHROPIC|LLM|AUTH|PORT|TRANSFER)/.test(key)) delete clean[key];
+  const child = spawn(process.execPath, args, {
+    env: { ...clean, NO_COLOR: "1", ...env },
+    cwd: new URL(".", import.meta.url).pathname,
+  });
+  let output = "";
+  child.stdout.on("data", (d) => output += d);
+  child.stderr.on("data", (d) => output += d);
+  const exited = new Promise<number | null>((resolve) => child.on("close", (code) => resolve(code)));
+  return { child, exited, output: () => output };
+}
+
+async function waitForHealth(port: number, ms = 8000) {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/health`);
+      if (res.ok) return res.json();
+    } catch { /* not up yet */ }
+    await sleep(50);
+  }
+  throw new Error(`nothing answered on port ${port}`);
+}
+
+const startArgs = isBun ? ["run", "main.ts"] : ["run", "--allow-net", "--allow-env", "main.ts"];
+
+describe("starting the program", () => {
+  test("listens on PORT with the demo brain when no key is set, and says so", async () => {
+    const port = await freePort();
+    const run = runMain(startArgs, { PORT: String(port) });
+    try {
+      const health = await waitForHealth(port);
+      assert.deepEqual([health.provider, health.model], ["demo", "offline-demo"]);
+      const retell = await Retell.connect(port, "/llm-websocket/real_process");
+      await retell.next((f) => f.response_type === "config");
+      retell.close();
+      assert.match(run.output(), /offline demo brain/);
+    } finally {
+      run.child.kill("SIGKILL");
+      await run.exited;
+    }
+  });
+
+  test("an unknown LLM_PROVIDER stops startup with a sentence naming the allowed ones", async () => {
+    const run = runMain(startArgs, { LLM_PROVIDER: "gemini", PORT: "0" });
+    const code = await run.exited;
+    assert.equal(code, 1);
+    assert.match(run.output(), /LLM_PROVIDER must be one of openai, anthropic, demo \(got "gemini"\)/);
+  });
+
+  test("`deno serve` serves the same file", { skip: isBun }, async () => {
+    const port = await freePort();
+    const run = runMain(["serve", "--allow-net", "--allow-env", "--port", String(port), "main.ts"], {});
+    try {
+      const health = await waitForHealth(port);
+      assert.equal(health.provider, "demo");
+      const retell = await Retell.connect(port, "/llm-websocket/served");
+      assert.equal((await retell.next()).response_type, "config");
+      retell.close();
+    } finally {
+      run.child.kill("SIGKILL");
+      await run.exited;
+    }
+  });
+});
