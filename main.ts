@@ -113,20 +113,13 @@ export interface Config {
 
 export class ConfigError extends Error {}
 
-const PROVIDERS: ProviderName[] = ["openai", "anthropic", "demo"];
-// Fast, non-reasoning defaults: on a phone call time to first word matters most.
-const DEFAULT_MODELS = { openai: "gpt-4.1-mini", anthropic: "claude-haiku-4-5", demo: "offline-demo" };
-
 export function loadConfig(env: Record<string, string | undefined>): Config {
   const get = (name: string) => env[name]?.trim() || undefined;
-  const provider = pickProvider(get("LLM_PROVIDER"), get("OPENAI_API_KEY"), get("ANTHROPIC_API_KEY"));
-  if (provider === "anthropic" && !get("ANTHROPIC_API_KEY")) {
-    throw new ConfigError("LLM_PROVIDER is anthropic but ANTHROPIC_API_KEY is not set; set it or unset LLM_PROVIDER.");
+  const provider = pickProvider(get("LLM_PROVIDER"), get);
+  const { keys, modelVar, model } = PROVIDERS[provider];
+  if (keys.length && !keys.some(get)) {
+    throw new ConfigError(`LLM_PROVIDER is ${provider} but ${keys.join(" or ")} is not set.`);
   }
-  if (provider === "openai" && !get("OPENAI_API_KEY") && !get("OPENAI_BASE_URL")) {
-    throw new ConfigError("LLM_PROVIDER is openai but neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.");
-  }
-  const modelVar = provider === "openai" ? "OPENAI_MODEL" : provider === "anthropic" ? "ANTHROPIC_MODEL" : "";
   const transferNumber = get("TRANSFER_NUMBER");
   if (transferNumber && !/^\+[1-9]\d{6,14}$/.test(transferNumber)) {
     throw new ConfigError(`TRANSFER_NUMBER must be an E.164 phone number like +14155550123 (got "${transferNumber}").`);
@@ -137,7 +130,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   }
   return {
     provider,
-    model: (modelVar && get(modelVar)) || DEFAULT_MODELS[provider],
+    model: (modelVar && get(modelVar)) || model,
     port: readNumber(env, "PORT", 8080, 0, 65535),
     openaiApiKey: get("OPENAI_API_KEY"),
     openaiBaseUrl: get("OPENAI_BASE_URL"),
@@ -151,11 +144,13 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   };
 }
 
-function pickProvider(name: string | undefined, openaiKey?: string, anthropicKey?: string): ProviderName {
-  if (name === undefined) return openaiKey ? "openai" : anthropicKey ? "anthropic" : "demo";
+// LLM_PROVIDER unset: the first provider whose variables are set, else the offline demo.
+function pickProvider(name: string | undefined, get: (name: string) => string | undefined): ProviderName {
+  const names = Object.keys(PROVIDERS) as ProviderName[];
+  if (name === undefined) return names.find((n) => PROVIDERS[n].keys.some(get)) ?? "demo";
   const lower = name.toLowerCase() as ProviderName;
-  if (PROVIDERS.includes(lower)) return lower;
-  throw new ConfigError(`LLM_PROVIDER must be one of ${PROVIDERS.join(", ")} (got "${name}").`);
+  if (names.includes(lower)) return lower;
+  throw new ConfigError(`LLM_PROVIDER must be one of ${names.join(", ")} (got "${name}").`);
 }
 
 function readNumber(env: Record<string, string | undefined>, name: string, fallback: number, min: number, max: number) {
@@ -182,11 +177,14 @@ const TranscriptItem = z.object({
 const Transcript = z.array(TranscriptItem).optional().catch(undefined);
 
 const Inbound = z.discriminatedUnion("interaction_type", [
-  z.object({ interaction_type: z.literal("ping_pong"), timestamp: z.number() }),
+  // A ping is always answered, even a malformed one: a missed pong costs the call.
+  z.object({ interaction_type: z.literal("ping_pong"), timestamp: z.number().catch(() => Date.now()) }),
   z.object({
     interaction_type: z.literal("call_details"),
-    call: z.object({ retell_llm_dynamic_variables: z.record(z.string(), z.unknown()).nullish().catch(null) })
-      .nullish().catch(null),
+    call: z.object({
+      call_status: z.string().nullish().catch(null),
+      retell_llm_dynamic_variables: z.record(z.string(), z.unknown()).nullish().catch(null),
+    }).nullish().catch(null),
   }),
   z.object({ interaction_type: z.literal("update_only") }),
   z.object({
@@ -224,7 +222,11 @@ export type Message =
   | { role: "tool_result"; id: string; content: string };
 
 export type ToolCall = Extract<Message, { role: "tool_call" }>;
-export type BrainEvent = { type: "text"; text: string } | ({ type: "tool_call" } & Omit<ToolCall, "role">);
+// `working` says the provider is still sending (tool arguments, stop reasons) without words.
+export type BrainEvent =
+  | { type: "text"; text: string }
+  | { type: "working" }
+  | ({ type: "tool_call" } & Omit<ToolCall, "role">);
 export interface ToolSpec {
   name: string;
   description: string;
@@ -241,11 +243,29 @@ export interface Brain {
   stream(request: BrainRequest, signal: AbortSignal): AsyncIterable<BrainEvent>;
 }
 
-export function createBrain(config: Config): Brain {
-  if (config.provider === "openai") return openaiBrain(config);
-  if (config.provider === "anthropic") return anthropicBrain(config);
-  return demoBrain();
-}
+// One entry per provider: the variables that switch it on (any one of them), the variable
+// naming its model, a default model, and how to build it. Defaults are fast, non-reasoning
+// models: on a phone call the time to the first word matters most.
+const PROVIDERS: Record<ProviderName, { keys: string[]; modelVar?: string; model: string; create(c: Config): Brain }> =
+  {
+    openai: {
+      keys: ["OPENAI_API_KEY", "OPENAI_BASE_URL"],
+      modelVar: "OPENAI_MODEL",
+      model: "gpt-4.1-mini",
+      create: openaiBrain,
+    },
+    anthropic: {
+      keys: ["ANTHROPIC_API_KEY"],
+      modelVar: "ANTHROPIC_MODEL",
+      model: "claude-haiku-4-5",
+      create: anthropicBrain,
+    },
+    demo: { keys: [], model: "offline-demo", create: demoBrain },
+  };
+
+export const createBrain = (config: Config): Brain => PROVIDERS[config.provider].create(config);
+
+const WORKING: BrainEvent = { type: "working" };
 
 function openaiBrain(config: Config): Brain {
   // A dummy key lets keyless OpenAI-compatible servers (Ollama, vLLM) work; one quick retry.
@@ -263,7 +283,7 @@ function openaiBrain(config: Config): Brain {
       const calls: { id: string; name: string; args: string }[] = [];
       for await (const chunk of stream) {
         const delta = chunk.choices?.[0]?.delta;
-        if (delta?.content) yield { type: "text", text: delta.content };
+        yield delta?.content ? { type: "text", text: delta.content } : WORKING;
         for (const part of delta?.tool_calls ?? []) {
           const call = calls[part.index ?? 0] ??= { id: "", name: "", args: "" };
           if (part.id) call.id = part.id;
@@ -271,7 +291,9 @@ function openaiBrain(config: Config): Brain {
           if (part.function?.arguments) call.args += part.function.arguments;
         }
       }
-      for (const call of calls.filter(Boolean)) yield { type: "tool_call", ...call, id: call.id || newId("call") };
+      for (const call of calls.filter(Boolean)) {
+        yield { type: "tool_call", id: call.id || newId("call"), name: call.name, args: call.args || "{}" };
+      }
     },
   };
 }
@@ -311,19 +333,24 @@ function anthropicBrain(config: Config): Brain {
           }))
           : undefined,
       }, { signal });
-      const calls = new Map<number, { id: string; name: string; args: string }>();
+      const calls = new Map<number, { id: string; name: string; args: string; input: unknown }>();
       for await (const event of stream) {
-        if (event.type === "content_block_start" && event.content_block.type === "tool_use") {
-          calls.set(event.index, { id: event.content_block.id, name: event.content_block.name, args: "" });
-        } else if (event.type === "content_block_delta") {
-          if (event.delta.type === "text_delta") yield { type: "text", text: event.delta.text };
-          else if (event.delta.type === "input_json_delta") {
-            const call = calls.get(event.index);
-            if (call) call.args += event.delta.partial_json;
-          }
+        if (event.type === "content_block_delta" && event.delta.type === "text_delta") {
+          yield { type: "text", text: event.delta.text };
+          continue;
         }
+        if (event.type === "content_block_start" && event.content_block.type === "tool_use") {
+          const { id, name, input } = event.content_block;
+          calls.set(event.index, { id, name, args: "", input });
+        } else if (event.type === "content_block_delta" && event.delta.type === "input_json_delta") {
+          const call = calls.get(event.index);
+          if (call) call.args += event.delta.partial_json;
+        }
+        yield WORKING;
       }
-      for (const call of calls.values()) yield { type: "tool_call", ...call, args: call.args || "{}" };
+      for (const { id, name, args, input } of calls.values()) {
+        yield { type: "tool_call", id, name, args: args || JSON.stringify(input ?? {}) };
+      }
     },
   };
 }
@@ -367,16 +394,16 @@ function parseObject(json: string): Record<string, unknown> {
 }
 
 // With no API key, a tiny offline brain answers, so the first run works without any account.
-function demoBrain(): Brain {
+function demoBrain(config: Config): Brain {
   return {
     provider: "demo",
-    model: DEFAULT_MODELS.demo,
+    model: config.model,
     async *stream({ messages }) {
       const last = messages.at(-1);
-      const heard = last?.role === "user" ? last.text : "";
+      const heard = last?.role === "user" ? last.text.replace(/[.!?]+$/, "") : "";
       if (last?.role === "tool_result") {
         yield* words(last.content.includes("error") ? "Sorry, I couldn't do that." : "Done.");
-      } else if (heard === PERSONA.reminder) yield* words("Are you still there?");
+      } else if (heard.startsWith("(")) yield* words("Are you still there?"); // a reminder
       else if (/\b(bye|goodbye|hang up)\b/i.test(heard)) {
         yield {
           type: "tool_call",
@@ -539,7 +566,7 @@ class Call {
     if (this.deps.greeted.has(this.id)) return this.greet("");
     if (/\{\{/.test(this.deps.persona.greeting)) {
       this.greetTimer = setTimeout(() => this.greet(this.greeting()), GREETING_WAIT_MS);
-    } else this.greet(this.deps.persona.greeting);
+    } else this.greet(this.greeting());
   }
 
   closed(code: number) {
@@ -578,8 +605,8 @@ class Call {
         return this.send({ response_type: "ping_pong", timestamp: frame.timestamp });
       case "call_details":
         this.vars = { ...readVars(frame.call?.retell_llm_dynamic_variables), call_id: this.id };
-        if (!this.greetingDone) this.greet(this.greeting());
-        return;
+        // A call already under way (a reconnect that reached another instance) is not greeted again.
+        return this.greet(frame.call?.call_status === "ongoing" ? "" : this.greeting());
       case "update_only":
         return;
       default:
@@ -587,8 +614,13 @@ class Call {
     }
   }
 
+  /** The call's dynamic variables plus {{current_time}}, for the greeting and the prompt. */
+  slots() {
+    return { ...this.vars, current_time: now(this.deps.persona.timezone) };
+  }
+
   private greeting() {
-    return tidy(fillSlots(this.deps.persona.greeting, this.vars, ""));
+    return tidy(fillSlots(this.deps.persona.greeting, this.slots(), ""));
   }
 
   private greet(text: string) {
@@ -610,7 +642,8 @@ class Call {
     clearTimeout(this.greetTimer);
     this.turn?.abort("superseded");
     const turn = this.turn = new Turn(this, frame.response_id, frame.interaction_type === "reminder_required");
-    turn.run(frame.transcript_with_tool_calls ?? frame.transcript ?? []).catch((err) =>
+    const items = frame.transcript_with_tool_calls?.length ? frame.transcript_with_tool_calls : frame.transcript;
+    turn.run(items ?? []).catch((err) =>
       log("error", "turn_crashed", { call_id: this.id, response_id: turn.id, error: String(err) })
     );
   }
@@ -644,7 +677,7 @@ class Turn {
     return this.controller.signal;
   }
 
-  abort(reason: string) {
+  abort(reason: "superseded" | "closed") {
     this.controller.abort(reason);
   }
 
@@ -658,10 +691,6 @@ class Turn {
 
   say(content: string, complete: boolean, flags: Flags = {}) {
     if (!this.live) return;
-    if (content) {
-      this.stats.ttft ??= performance.now() - this.started;
-      this.stats.chars += content.length;
-    }
     this.call.send({ response_type: "response", response_id: this.id, content, content_complete: complete, ...flags });
     this.complete = complete;
   }
@@ -693,19 +722,16 @@ class Turn {
       chars: this.stats.chars,
       tools: this.stats.tools,
       outcome,
+      ...(outcome === "superseded" && { by: this.signal.reason }),
     });
   }
 
   // Model, then tools, then model again with their results, until it answers in words.
   private async converse(messages: Message[]): Promise<Outcome> {
     const { deps } = this.call;
-    const system = fillSlots(
-      deps.persona.prompt,
-      { ...this.call.vars, current_time: now(deps.persona.timezone) },
-      "unknown",
-    );
+    const system = fillSlots(deps.persona.prompt, this.call.slots(), "unknown");
     for (let round = 0; round < MAX_TOOL_ROUNDS; round++) {
-      const calls = await this.streamModel({ system, messages, tools: deps.specs });
+      const { text, calls } = await this.streamModel({ system, messages, tools: deps.specs });
       if (this.signal.aborted) return "superseded";
       if (!calls.length) {
         this.say("", true);
@@ -718,6 +744,8 @@ class Turn {
         this.say(action.message.trim() || "Goodbye.", true, { ...action.flags, no_interruption_allowed: true });
         return "completed";
       }
+      // The next round sees what was already said, the calls, then all their results.
+      if (text.trim()) messages.push({ role: "assistant", text: text.trim() });
       messages.push(
         ...calls,
         ...calls.map((c, i) => ({ role: "tool_result" as const, id: c.id, content: results[i] as string })),
@@ -726,37 +754,43 @@ class Turn {
     throw new Error(`the model was still calling tools after ${MAX_TOOL_ROUNDS} rounds`);
   }
 
-  // Streams one model reply as response frames; returns its tool calls. A watchdog turns
-  // a slow first token, or a stream that stalls, into a TimeoutError.
-  private async streamModel(request: BrainRequest): Promise<ToolCall[]> {
+  // Streams one model reply as response frames; returns its words and tool calls. A
+  // watchdog turns a slow first token, or a stream that stalls, into a TimeoutError.
+  private async streamModel(request: BrainRequest) {
     const { brain, config } = this.call.deps;
+    const limit = config.firstTokenTimeoutMs;
     const model = new AbortController();
     const stop = () => model.abort(this.signal.reason);
     this.signal.addEventListener("abort", stop);
     let last = performance.now();
     let timer: ReturnType<typeof setTimeout>;
-    const watch = (ms: number) => {
+    const watch = (ms: number) =>
       timer = setTimeout(() => {
         const idle = performance.now() - last;
-        if (idle >= config.firstTokenTimeoutMs) model.abort(new TimeoutError(`no tokens for ${Math.round(idle)} ms`));
-        else watch(config.firstTokenTimeoutMs - idle);
+        if (idle < limit) return watch(limit - idle);
+        model.abort(new TimeoutError(`no tokens for ${Math.round(idle)} ms`));
       }, ms);
-    };
-    watch(config.firstTokenTimeoutMs);
+    watch(limit);
+    let text = "";
     const calls: ToolCall[] = [];
     try {
-      for await (const event of abortable(brain.stream(request, model.signal), model.signal)) {
+      for await (const event of abortable(() => brain.stream(request, model.signal), model.signal)) {
         last = performance.now();
-        if (event.type === "text") {
-          if (event.text) this.say(event.text, false);
-        } else calls.push({ role: "tool_call", id: event.id, name: event.name, args: event.args });
+        if (event.type === "text" && event.text && !this.signal.aborted) {
+          this.stats.ttft ??= last - this.started;
+          this.stats.chars += event.text.length;
+          text += event.text;
+          this.say(event.text, false);
+        } else if (event.type === "tool_call") {
+          calls.push({ role: "tool_call", id: event.id, name: event.name, args: event.args });
+        }
       }
     } finally {
       clearTimeout(timer!);
       this.signal.removeEventListener("abort", stop);
     }
     if (model.signal.aborted && !this.signal.aborted) throw model.signal.reason;
-    return calls;
+    return { text, calls };
   }
 
   // Runs one tool call; whatever goes wrong becomes a result the model can talk about.
@@ -764,7 +798,7 @@ class Turn {
     const { tools, config } = this.call.deps;
     this.stats.tools.push(call.name);
     this.send({ response_type: "tool_call_invocation", tool_call_id: call.id, name: call.name, arguments: call.args });
-    let result: unknown;
+    let result: string | CallAction;
     let ok = false;
     try {
       const tool = tools.get(call.name);
@@ -772,12 +806,15 @@ class Turn {
       const args = tool.schema.safeParse(parseObject(call.args));
       if (!args.success) throw new Error(`bad arguments: ${z.prettifyError(args.error)}`);
       const ctx: ToolContext = { callId: this.call.id, vars: this.call.vars, config, signal: this.signal };
-      result = await withTimeout(
+      const value = await withTimeout(
         Promise.resolve(tool.run(args.data, ctx)),
         config.toolTimeoutMs,
-        `${call.name} took too long`,
+        "it took too long",
       );
-      ok = true;
+      result = value instanceof CallAction
+        ? value
+        : clip(typeof value === "string" ? value : JSON.stringify(value ?? "done"));
+      ok = !(value && typeof value === "object" && "error" in value);
     } catch (err) {
       log("warn", "tool_failed", {
         call_id: this.call.id,
@@ -785,26 +822,23 @@ class Turn {
         tool: call.name,
         error: errorText(err),
       });
-      result = { error: errorText(err) };
+      result = JSON.stringify({ error: `${call.name} failed: ${errorText(err)}` });
     }
-    const content = result instanceof CallAction
-      ? result.message
-      : typeof result === "string"
-      ? result
-      : JSON.stringify(result ?? "done") ?? "done";
+    const content = result instanceof CallAction ? result.message : result;
     this.send({ response_type: "tool_call_result", tool_call_id: call.id, content, successful: ok });
-    return result instanceof CallAction ? result : content;
+    return result;
   }
 }
 
-// Ends the loop as soon as `signal` aborts, even if the source never yields again.
-async function* abortable<T>(source: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
-  const iterator = source[Symbol.asyncIterator]();
+// Ends the loop as soon as `signal` aborts, even if the source never yields again or
+// throws before its first event.
+async function* abortable<T>(open: () => AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
   const aborted = new Promise<never>((_, reject) => {
     if (signal.aborted) reject(signal.reason);
     signal.addEventListener("abort", () => reject(signal.reason), { once: true });
   });
   aborted.catch(() => {});
+  const iterator = open()[Symbol.asyncIterator]();
   try {
     while (true) {
       const next = await Promise.race([iterator.next(), aborted]);
@@ -812,7 +846,7 @@ async function* abortable<T>(source: AsyncIterable<T>, signal: AbortSignal): Asy
       yield next.value;
     }
   } finally {
-    iterator.return?.()?.catch(() => {});
+    Promise.resolve().then(() => iterator.return?.()).catch(() => {});
   }
 }
 
@@ -849,15 +883,25 @@ export function createApp(options: AppOptions = {}) {
     live: new Set(),
   };
   logDebug ||= config.logLevel === "debug";
+  try {
+    now(deps.persona.timezone);
+  } catch {
+    throw new ConfigError(
+      `PERSONA.timezone must be a time zone like America/New_York (got "${deps.persona.timezone}").`,
+    );
+  }
   const app = new Hono();
   app.get(
     "/health",
     (c) => c.json({ status: "ok", provider: deps.brain.provider, model: deps.brain.model, live_calls: deps.live.size }),
   );
-  app.get("/llm-websocket/:call_id", (c) => {
-    const token = config.authToken;
-    if (token && !sameSecret(c.req.query("token") ?? "", token)) return c.text("unauthorized", 401);
-    const callId = (c.req.param("call_id") ?? "").slice(0, 128);
+  app.get("/llm-websocket/:call_id?", (c) => {
+    const { callId, token } = callAndToken(c);
+    if (!callId) return c.text("the URL needs the call id: /llm-websocket/<call_id>", 404);
+    if (config.authToken && !sameSecret(token ?? "", config.authToken)) {
+      log("warn", "auth_refused", { call_id: callId, token_given: token !== undefined });
+      return c.text("unauthorized", 401);
+    }
     const response = upgrade(c, (peer) => new Call(callId, peer, deps));
     return response ?? c.text("expected a WebSocket upgrade", 426);
   });
@@ -866,6 +910,18 @@ export function createApp(options: AppOptions = {}) {
     return c.json({ error: "internal error" }, 500);
   });
   return { app, deps };
+}
+
+// UNCERTAIN: Retell's docs show `{url}/{call_id}`. Should it append the id after a query
+// string (`?token=T/<call_id>`) instead of to the path, both shapes still work.
+function callAndToken(c: Context) {
+  let callId = c.req.param("call_id");
+  let token = c.req.query("token");
+  if (!callId && token?.includes("/")) {
+    callId = token.slice(token.lastIndexOf("/") + 1);
+    token = token.slice(0, token.lastIndexOf("/"));
+  }
+  return { callId: callId?.slice(0, 128), token };
 }
 
 const digest = (s: string) => createHash("sha256").update(s).digest();
@@ -901,7 +957,13 @@ function upgrade(c: Context, open: (peer: Peer) => Call): Response | undefined {
     const server = c.env as BunServer | undefined;
     return server?.upgrade(c.req.raw, { data: { open } }) ? new Response(null) : undefined;
   }
-  const { response, socket } = Deno.upgradeWebSocket(c.req.raw);
+  let upgraded;
+  try {
+    upgraded = Deno.upgradeWebSocket(c.req.raw);
+  } catch {
+    return undefined; // a malformed handshake (no key, no Connection: Upgrade)
+  }
+  const { response, socket } = upgraded;
   const peer: Peer = { send: (data) => socket.readyState === WebSocket.OPEN && socket.send(data) };
   const session: Partial<Session> = {};
   socket.onopen = () => guard("open", () => (session.call = open(peer)).open());
@@ -920,25 +982,33 @@ export const websocket = {
 };
 const bunPeer = (ws: BunSocket): Peer => ({ send: (data) => ws.readyState === 1 && ws.send(data) });
 
-/** Starts a server on `port` (0 picks a free one); used by the tests and tools. */
+/** Serves `app` on `port` (0 picks a free one) with this runtime's own server. */
+function serve(app: Hono, port: number, hostname?: string) {
+  if (isBun) {
+    type BunServe = { serve(o: unknown): { port: number; stop(force: boolean): void } };
+    const server = (globalThis as unknown as { Bun: BunServe }).Bun.serve({
+      port,
+      hostname,
+      fetch: app.fetch,
+      websocket,
+      development: false,
+    });
+    return { port: server.port, close: () => Promise.resolve(server.stop(true)) };
+  }
+  const server = Deno.serve({ port, hostname, onListen() {} }, app.fetch);
+  return { port: server.addr.port, close: () => server.shutdown() };
+}
+
+/** Starts the app on 127.0.0.1; used by the tests and the developer tools. */
 export function listen(port: number, options: AppOptions = {}) {
   const { app, deps } = createApp(options);
-  if (isBun) {
-    const bun =
-      (globalThis as unknown as { Bun: { serve(o: unknown): { port: number; stop(force: boolean): void } } }).Bun;
-    const server = bun.serve({ port, hostname: "127.0.0.1", fetch: app.fetch, websocket, development: false });
-    return { port: server.port, deps, close: () => Promise.resolve(server.stop(true)) };
-  }
-  const server = Deno.serve({ port, hostname: "127.0.0.1", onListen() {} }, app.fetch);
-  return { port: server.addr.port, deps, close: () => server.shutdown() };
+  return { ...serve(app, port, "127.0.0.1"), deps };
 }
 
 // A failure nobody caught is logged; the process and every other call keep going.
 process.on("unhandledRejection", (err) => log("error", "unhandled_rejection", { error: errorText(err) }));
 process.on("uncaughtException", (err) => log("error", "uncaught_exception", { error: errorText(err) }));
 
-// Started as a program: `bun run` serves the default export, `deno serve` too (and calls
-// onListen), plain `deno run` falls back to Deno.serve.
 let config: Config;
 try {
   config = loadConfig(process.env);
@@ -948,20 +1018,36 @@ try {
   process.exit(1);
 }
 const main = createApp({ config });
-let served = false;
-const onListen = () => {
-  served = true;
+
+function started(port: number) {
   const { provider, model } = main.deps.brain;
-  log("info", "listening", { provider, model, auth: Boolean(config.authToken) });
+  log("info", "listening", { port, provider, model, auth: Boolean(config.authToken) });
   if (provider === "demo") {
     log("warn", "demo_brain", {
       hint: "No OPENAI_API_KEY or ANTHROPIC_API_KEY: answering with the offline demo brain.",
     });
   }
-};
-if (import.meta.main && isBun) onListen();
-if (import.meta.main && !isBun) {
-  setTimeout(() => served || Deno.serve({ port: config.port, onListen }, main.app.fetch), 0);
 }
 
-export default { fetch: main.app.fetch, websocket, port: config.port, development: false, onListen };
+// `deno serve main.ts` serves the default export and calls its onListen before any timer
+// fires; `deno run` and `bun run` start the server here instead.
+let servedByDeno = false;
+if (import.meta.main) {
+  setTimeout(() => {
+    if (servedByDeno) return;
+    try {
+      started(serve(main.app, config.port).port);
+    } catch (err) {
+      console.error(`Cannot listen on port ${config.port}: ${errorText(err)}`);
+      process.exit(1);
+    }
+  }, 0);
+}
+
+export default isBun ? {} : {
+  fetch: main.app.fetch,
+  onListen: ({ port }: { port: number }) => {
+    servedByDeno = true;
+    started(port);
+  },
+};

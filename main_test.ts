@@ -275,6 +275,20 @@ describe("opening", () => {
       second.close();
     });
   });
+
+  test("a call that call_details says is already ongoing is not greeted again", async () => {
+    await withServer({ persona: PERSONA }, async (port) => {
+      const retell = await Retell.connect(port, "/llm-websocket/moved_here");
+      await retell.next((f) => f.response_type === "config");
+      retell.send({
+        interaction_type: "call_details",
+        call: { call_status: "ongoing", retell_llm_dynamic_variables: {} },
+      });
+      const greeting = await retell.next((f) => f.response_id === 0, 500);
+      assert.equal(greeting.content, "");
+      retell.close();
+    });
+  });
 });
 
 // ---------------------------------------------------------------------------------------
@@ -609,6 +623,11 @@ describe("provider choice", () => {
       loadConfig({ LLM_PROVIDER: "openai", OPENAI_BASE_URL: "http://localhost:11434/v1" }).provider,
       "openai",
     );
+    assert.equal(
+      loadConfig({ OPENAI_BASE_URL: "http://localhost:11434/v1" }).provider,
+      "openai",
+      "a local server needs no key",
+    );
   });
 
   test("an unknown provider or a bad number stops with a sentence naming the fix", () => {
@@ -702,6 +721,7 @@ describe("tools", () => {
       const { text, frames } = await retell.reply(1);
       assert.equal(text, "I can take a message.");
       assert.ok(frames.every((f) => f.transfer_number === undefined));
+      assert.equal(retell.frames.find((f) => f.response_type === "tool_call_result")!.successful, false);
       retell.close();
     });
   });
@@ -814,7 +834,7 @@ describe("tools", () => {
 // 11. Auth
 
 /** Sends a raw upgrade request and returns the HTTP status the server answered with. */
-function upgradeStatus(port: number, path: string): Promise<number> {
+function upgradeStatus(port: number, path: string, key = "dGhlIHNhbXBsZSBub25jZQ=="): Promise<number> {
   return new Promise((resolve, reject) => {
     const req = http.request({
       port,
@@ -824,7 +844,7 @@ function upgradeStatus(port: number, path: string): Promise<number> {
         Connection: "Upgrade",
         Upgrade: "websocket",
         "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        ...(key && { "Sec-WebSocket-Key": key }),
       },
     });
     req.on("response", (res) => {
@@ -850,6 +870,12 @@ describe("auth", () => {
       assert.equal((await retell.next()).response_type, "config");
       retell.close();
       await assert.rejects(Retell.connect(port, "/llm-websocket/c1?token=s3cret"));
+      // Should Retell append the call id after the query string, the call still connects.
+      const appended = await Retell.connect(port, "/llm-websocket?token=s3cret-token/call_q");
+      assert.equal((await appended.next()).response_type, "config");
+      appended.close();
+      assert.equal(await upgradeStatus(port, "/llm-websocket?token=nope/call_q"), 401);
+      assert.equal(await upgradeStatus(port, "/llm-websocket"), 404);
     });
   });
 });
@@ -872,7 +898,6 @@ describe("bad input", () => {
           JSON.stringify({ interaction_type: "response_required", response_id: "7", transcript: [] }),
           JSON.stringify({ interaction_type: "response_required", response_id: -1, transcript: [] }),
           JSON.stringify({ interaction_type: "response_required", response_id: 1.5, transcript: [] }),
-          JSON.stringify({ interaction_type: "ping_pong", timestamp: "now" }),
           JSON.stringify({ interaction_type: null }),
           "[".repeat(100_000) + "]".repeat(100_000),
           JSON.stringify({ interaction_type: "call_details", call: { retell_llm_dynamic_variables: [[[["x"]]]] } }),
@@ -890,7 +915,7 @@ describe("bad input", () => {
       })
     );
     const badLines = logs.filter((l) => l.event === "bad_frame");
-    assert.equal(badLines.length, 11, JSON.stringify(badLines)); // call_details with junk variables is tolerated
+    assert.equal(badLines.length, 10, JSON.stringify(badLines)); // call_details with junk variables is tolerated
     assert.ok(badLines.some((l) => l.reason === "binary frame"));
   });
 
@@ -921,6 +946,13 @@ describe("bad input", () => {
       const { text } = await retell.reply(1, 5000);
       assert.match(text, /^\d+ messages$/);
       retell.close();
+    });
+  });
+
+  test("a malformed upgrade is refused without a server error", async () => {
+    await withServer({}, async (port) => {
+      const status = await upgradeStatus(port, "/llm-websocket/c1", "");
+      assert.ok(status >= 400 && status < 500, `got ${status}`);
     });
   });
 
@@ -1125,6 +1157,40 @@ describe("OpenAI through the real SDK", () => {
     }
   });
 
+  test("tool arguments that stream for longer than the first-token limit are not a timeout", async () => {
+    const fake = await fakeProvider((res, _body, n) =>
+      n === 1
+        ? stream(res, [
+          openaiChunk({
+            tool_calls: [{
+              index: 0,
+              id: "call_S",
+              type: "function",
+              function: { name: "opening_hours", arguments: "" },
+            }],
+          }),
+          openaiChunk({ tool_calls: [{ index: 0, function: { arguments: '{"da' } }] }),
+          openaiChunk({ tool_calls: [{ index: 0, function: { arguments: 'y":"mon' } }] }),
+          openaiChunk({ tool_calls: [{ index: 0, function: { arguments: 'day"}' } }] }),
+          openaiChunk({}, "tool_calls"),
+          "data: [DONE]\n\n",
+        ], 120)
+        : stream(res, [openaiChunk({ content: "Nine." }), "data: [DONE]\n\n"])
+    );
+    try {
+      const config = { ...openaiConfig(fake), firstTokenTimeoutMs: 200 };
+      await withServer({ config, tools: [hoursTool] }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("Monday?")]);
+        assert.equal((await retell.reply(1)).text, "Nine.");
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
   test("a newer request cancels the older request's HTTP stream at once", async () => {
     const fake = await fakeProvider((res, _body, n) =>
       n === 1
@@ -1237,7 +1303,10 @@ describe("Claude through the real SDK", () => {
           { role: "user", content: [{ type: "text", text: "When do you open on Monday?" }] },
           {
             role: "assistant",
-            content: [{ type: "tool_use", id: "toolu_01", name: "opening_hours", input: { day: "monday" } }],
+            content: [
+              { type: "text", text: "Let me check." },
+              { type: "tool_use", id: "toolu_01", name: "opening_hours", input: { day: "monday" } },
+            ],
           },
           {
             role: "user",
@@ -1366,6 +1435,21 @@ describe("starting the program", () => {
     const code = await run.exited;
     assert.equal(code, 1);
     assert.match(run.output(), /LLM_PROVIDER must be one of openai, anthropic, demo \(got "gemini"\)/);
+  });
+
+  test("a port already in use stops startup with a non-zero exit", async () => {
+    const blocker = net.createServer().listen(0);
+    await new Promise((resolve) => blocker.once("listening", resolve));
+    const { port } = blocker.address() as net.AddressInfo;
+    try {
+      const run = runMain(startArgs, { PORT: String(port) });
+      const code = await Promise.race([run.exited, sleep(8000).then(() => "still running")]);
+      if (code === "still running") run.child.kill("SIGKILL");
+      assert.equal(code, 1, run.output());
+      assert.match(run.output(), /Cannot listen on port/);
+    } finally {
+      blocker.close();
+    }
   });
 
   test("`deno serve` serves the same file", { skip: isBun }, async () => {
