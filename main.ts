@@ -19,13 +19,14 @@ import { createHash, timingSafeEqual } from "node:crypto";
 
 // 1. Persona ------------------------------------------------------------------------------
 // Who the agent is. {{slots}} are filled from the call's dynamic variables (set when the call
-// is created in Retell) plus {{current_time}} and {{call_id}}; an unknown slot in the greeting
-// is left out, in the prompt it reads "unknown".
+// is created in Retell) plus {{agent_name}}, {{current_time}} and {{call_id}}. A greeting with
+// a call variable waits up to a second for it; an unknown slot in the greeting is left out,
+// in the prompt it reads "unknown".
 export const PERSONA = {
   name: "Ava",
-  greeting: "Hi {{customer_name}}! This is Ava at Sunrise Dental. How can I help you today?",
+  greeting: "Hi {{customer_name}}! This is {{agent_name}} at Sunrise Dental. How can I help you today?",
   timezone: "America/New_York",
-  prompt: `You are Ava, the warm and efficient front-desk assistant of Sunrise Dental, on a phone call.
+  prompt: `You are {{agent_name}}, the warm and efficient front-desk assistant of Sunrise Dental, on a phone call.
 The caller's name, if known: {{customer_name}}. It is now {{current_time}}.
 You help callers with questions about the clinic, and you can end the call or transfer the
 caller to a colleague with your tools.
@@ -501,9 +502,15 @@ function trimToBudget(messages: Message[]): Message[] {
   return start === 0 ? messages : messages.slice(start);
 }
 
+const SLOT = /\{\{\s*([\w.-]+)\s*\}\}/g;
+const BUILT_IN_SLOTS = ["agent_name", "current_time", "call_id"];
+
 export function fillSlots(template: string, vars: Readonly<Record<string, string>>, missing: string): string {
-  return template.replace(/\{\{\s*([\w.-]+)\s*\}\}/g, (_, name: string) => vars[name] ?? missing);
+  return template.replace(SLOT, (_, name: string) => vars[name] ?? missing);
 }
+
+const needsCallVariables = (template: string) =>
+  [...template.matchAll(SLOT)].some(([, name]) => !BUILT_IN_SLOTS.includes(name));
 
 // A greeting whose variable is missing still reads well: "Hi {{name}}!" becomes "Hi!".
 const tidy = (s: string) => s.replace(/\s+([!?.,])/g, "$1").replace(/\s{2,}/g, " ").trim();
@@ -564,7 +571,7 @@ class Call {
     // UNCERTAIN in Retell's docs: whether a reconnect expects the greeting again. We send an
     // empty id-0 response so the agent is not blocked and does not greet twice.
     if (this.deps.greeted.has(this.id)) return this.greet("");
-    if (/\{\{/.test(this.deps.persona.greeting)) {
+    if (needsCallVariables(this.deps.persona.greeting)) {
       this.greetTimer = setTimeout(() => this.greet(this.greeting()), GREETING_WAIT_MS);
     } else this.greet(this.greeting());
   }
@@ -616,7 +623,7 @@ class Call {
 
   /** The call's dynamic variables plus {{current_time}}, for the greeting and the prompt. */
   slots() {
-    return { ...this.vars, current_time: now(this.deps.persona.timezone) };
+    return { ...this.vars, agent_name: this.deps.persona.name, current_time: now(this.deps.persona.timezone) };
   }
 
   private greeting() {

@@ -208,7 +208,7 @@ describe("serving", () => {
 
 describe("opening", () => {
   test("sends config first, then the greeting as response 0", async () => {
-    await withServer({ persona: { ...PERSONA, greeting: "Hello, you reached Ava." } }, async (port) => {
+    await withServer({ persona: { ...PERSONA, greeting: "Hello, you reached {{agent_name}}." } }, async (port) => {
       const retell = await Retell.connect(port);
       const first = await retell.next();
       assert.deepEqual(first, {
