@@ -22,31 +22,59 @@ import { createHash, timingSafeEqual } from "node:crypto";
 // is created in Retell) plus {{agent_name}}, {{current_time}} and {{call_id}}. A greeting with
 // a call variable waits up to a second for it; an unknown slot in the greeting is left out,
 // in the prompt it reads "unknown".
-export const PERSONA = {
+export const PERSONA: Persona = {
   name: "Ava",
   greeting: "Hi {{customer_name}}! This is {{agent_name}} at Sunrise Dental. How can I help you today?",
   timezone: "America/New_York",
   prompt: `You are {{agent_name}}, the warm and efficient front-desk assistant of Sunrise Dental, on a phone call.
 The caller's name, if known: {{customer_name}}. It is now {{current_time}}.
-You help callers with questions about the clinic, and you can end the call or transfer the
-caller to a colleague with your tools.
+You help callers book dental appointments and answer simple questions about the clinic.
+The clinic is open Monday to Friday. Check availability before you offer a time. Book only
+after the caller has confirmed the day, the time and their name, then read the booking back.
+If the caller wants a person, transfer the call. When the caller is done, end the call.
 
 How you speak:
 - This is a voice call. Answer in one to three short, natural sentences.
 - Never use markdown, lists, headings, emoji, or URLs: everything you write is read aloud.
 - Say numbers, times and dates the way a person would say them.
-- If you did not catch something, ask the caller to repeat it.
-- When the caller is done, say a short goodbye with the end_call tool.`,
+- If you did not catch something, ask the caller to repeat it.`,
   // Said to the model (not the caller) when Retell reports the caller has gone quiet.
   reminder: "(The caller has been silent for a while. Check in with one short, friendly sentence.)",
+  // Said while the model or a tool is slow, so the caller never sits in silence.
+  holding: ["One moment while I check that.", "Just a second, please."],
   // Spoken when the model fails or is too slow, so the caller never hears dead air.
   apology: "Sorry, I'm having trouble right now. Could you say that again?",
+  // Retell agent settings for this persona, sent to Retell as each call starts (all optional).
+  agentSettings: {
+    responsiveness: 0.9,
+    interruption_sensitivity: 0.8,
+    reminder_trigger_ms: 10_000,
+    reminder_max_count: 2,
+  },
 };
+
+export interface Persona {
+  name: string;
+  greeting: string;
+  timezone: string;
+  prompt: string;
+  reminder: string;
+  holding: string[];
+  apology: string;
+  agentSettings?: {
+    responsiveness?: number;
+    interruption_sensitivity?: number;
+    reminder_trigger_ms?: number;
+    reminder_max_count?: number;
+  };
+}
 
 // 2. Tools --------------------------------------------------------------------------------
 // One entry per tool: a name, a description telling the model when to call it, a zod schema
-// for its arguments and the function. Return any JSON-able value and the model reads it;
-// return a CallAction to say a last line and end or transfer the call.
+// for its arguments and the function. Return any JSON-able value and the model reads it; an
+// object with an `error` field tells the model it failed. Mark a tool that changes something
+// `once: true`: it then runs at most once per call for the same arguments, however often
+// Retell asks again. Return a CallAction to say a last line and end, transfer or press keys.
 export class CallAction {
   constructor(
     readonly message: string,
@@ -66,16 +94,57 @@ export interface Tool<S extends z.ZodType = z.ZodType> {
   description: string;
   schema: S;
   run(args: z.infer<S>, ctx: ToolContext): unknown;
+  once?: boolean;
+  /** Returns a CallAction; if the caller talks over its last line, the action is re-issued. */
+  action?: boolean;
 }
 
 const tool = <S extends z.ZodObject>(t: Tool<S>) => t as unknown as Tool;
 
+// The clinic's diary, kept in memory. Replace these two functions with your scheduling API.
+const TIMES = ["09:00", "10:30", "13:00", "15:30"];
+const bookings = new Map<string, { name: string; confirmation: string }>();
+
+function openTimes(date: string): string[] {
+  const weekday = new Date(`${date}T12:00:00Z`).getUTCDay();
+  if (Number.isNaN(weekday) || weekday === 0 || weekday === 6) return [];
+  return TIMES.filter((time) => !bookings.has(`${date} ${time}`));
+}
+
+function book(date: string, time: string, name: string) {
+  if (!openTimes(date).includes(time)) return { error: `${date} at ${time} is not free. Offer another time.` };
+  if (bookings.size >= 10_000) return { error: "The diary is full. Offer to take a message." };
+  const confirmation = `SD-${Math.floor(1000 + Math.random() * 9000)}`;
+  bookings.set(`${date} ${time}`, { name, confirmation });
+  return { booked: true, date, time, name, confirmation };
+}
+
+const DATE = z.string().regex(/^\d{4}-\d{2}-\d{2}$/).describe("The day, as YYYY-MM-DD");
+
 export const TOOLS: Tool[] = [
+  tool({
+    name: "check_availability",
+    description: "List the free appointment times on one day. Call it before offering any time.",
+    schema: z.object({ date: DATE }),
+    run: ({ date }) => ({ date, open_times: openTimes(date) }),
+  }),
+  tool({
+    name: "book_appointment",
+    description: "Book an appointment, only after the caller confirmed the day, time and their name.",
+    schema: z.object({
+      date: DATE,
+      time: z.string().regex(/^\d{2}:\d{2}$/).describe("24-hour time, e.g. 09:00"),
+      name: z.string().min(1).max(100).describe("The caller's full name"),
+    }),
+    once: true,
+    run: ({ date, time, name }) => book(date, time, name),
+  }),
   tool({
     name: "end_call",
     description: "Hang up after a short goodbye. Call it when the caller says goodbye or is done.",
     schema: z.object({ message: z.string().describe("The goodbye to say, e.g. 'Thanks for calling, bye!'") }),
-    run: ({ message }) => new CallAction(message, { end_call: true }),
+    action: true,
+    run: ({ message }) => new CallAction(message.trim() || "Goodbye!", { end_call: true }),
   }),
   tool({
     name: "transfer_call",
@@ -85,11 +154,21 @@ export const TOOLS: Tool[] = [
       number: z.string().regex(/^\+[1-9]\d{6,14}$/).optional()
         .describe("E.164 number to transfer to; leave it out for the front desk"),
     }),
+    action: true,
     run: ({ message, number }, { config }) => {
       const to = number ?? config.transferNumber;
       if (!to) return { error: "No transfer number is set up. Offer to take a message instead." };
       return new CallAction(message, { transfer_number: to });
     },
+  }),
+  tool({
+    name: "press_digit",
+    description: "Press phone keys, to get through an automated phone menu (IVR).",
+    schema: z.object({
+      digits: z.string().regex(/^[0-9*#]{1,20}$/).describe("The keys to press, e.g. '2' or '1234#'"),
+    }),
+    action: true,
+    run: ({ digits }) => new CallAction("", { digit_to_press: digits }),
   }),
 ];
 
@@ -100,6 +179,7 @@ export type ProviderName = "openai" | "anthropic" | "demo";
 export interface Config {
   provider: ProviderName;
   model: string;
+  fallback?: { provider: ProviderName; model: string };
   port: number;
   openaiApiKey?: string;
   openaiBaseUrl?: string;
@@ -109,6 +189,7 @@ export interface Config {
   transferNumber?: string;
   firstTokenTimeoutMs: number;
   toolTimeoutMs: number;
+  fillerAfterMs: number;
   logLevel: "debug" | "info";
 }
 
@@ -117,9 +198,9 @@ export class ConfigError extends Error {}
 export function loadConfig(env: Record<string, string | undefined>): Config {
   const get = (name: string) => env[name]?.trim() || undefined;
   const provider = pickProvider(get("LLM_PROVIDER"), get);
-  const { keys, modelVar, model } = PROVIDERS[provider];
-  if (keys.length && !keys.some(get)) {
-    throw new ConfigError(`LLM_PROVIDER is ${provider} but ${keys.join(" or ")} is not set.`);
+  const fallback = get("FALLBACK_PROVIDER") && pickProvider(get("FALLBACK_PROVIDER"), get, "FALLBACK_PROVIDER");
+  if (fallback === provider) {
+    throw new ConfigError(`FALLBACK_PROVIDER must differ from the main provider (${provider}).`);
   }
   const transferNumber = get("TRANSFER_NUMBER");
   if (transferNumber && !/^\+[1-9]\d{6,14}$/.test(transferNumber)) {
@@ -131,7 +212,8 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   }
   return {
     provider,
-    model: (modelVar && get(modelVar)) || model,
+    model: modelFor(provider, get),
+    fallback: fallback ? { provider: fallback, model: modelFor(fallback, get) } : undefined,
     port: readNumber(env, "PORT", 8080, 0, 65535),
     openaiApiKey: get("OPENAI_API_KEY"),
     openaiBaseUrl: get("OPENAI_BASE_URL"),
@@ -141,18 +223,28 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     transferNumber,
     firstTokenTimeoutMs: readNumber(env, "FIRST_TOKEN_TIMEOUT_MS", 4000, 1, 120_000),
     toolTimeoutMs: readNumber(env, "TOOL_TIMEOUT_MS", 8000, 1, 600_000),
+    fillerAfterMs: readNumber(env, "FILLER_AFTER_MS", 1500, 1, 600_000),
     logLevel,
   };
 }
 
 // LLM_PROVIDER unset: the first provider whose variables are set, else the offline demo.
-function pickProvider(name: string | undefined, get: (name: string) => string | undefined): ProviderName {
+function pickProvider(name: string | undefined, get: (name: string) => string | undefined, variable = "LLM_PROVIDER") {
   const names = Object.keys(PROVIDERS) as ProviderName[];
   if (name === undefined) return names.find((n) => PROVIDERS[n].keys.some(get)) ?? "demo";
-  const lower = name.toLowerCase() as ProviderName;
-  if (names.includes(lower)) return lower;
-  throw new ConfigError(`LLM_PROVIDER must be one of ${names.join(", ")} (got "${name}").`);
+  const provider = name.toLowerCase() as ProviderName;
+  if (!names.includes(provider)) {
+    throw new ConfigError(`${variable} must be one of ${names.join(", ")} (got "${name}").`);
+  }
+  const { keys } = PROVIDERS[provider];
+  if (keys.length && !keys.some(get)) {
+    throw new ConfigError(`${variable} is ${provider} but ${keys.join(" or ")} is not set.`);
+  }
+  return provider;
 }
+
+const modelFor = (provider: ProviderName, get: (name: string) => string | undefined) =>
+  get(PROVIDERS[provider].modelVar ?? "") || PROVIDERS[provider].model;
 
 function readNumber(env: Record<string, string | undefined>, name: string, fallback: number, min: number, max: number) {
   const raw = env[name]?.trim();
@@ -206,7 +298,8 @@ type Outbound =
   | { response_type: "ping_pong"; timestamp: number }
   | { response_type: "response"; response_id: number; content: string; content_complete: boolean } & Flags
   | { response_type: "tool_call_invocation"; tool_call_id: string; name: string; arguments: string }
-  | { response_type: "tool_call_result"; tool_call_id: string; content: string; successful: boolean };
+  | { response_type: "tool_call_result"; tool_call_id: string; content: string; successful: boolean }
+  | { response_type: "update_agent"; agent_config: NonNullable<Persona["agentSettings"]> };
 
 const CONFIG_FRAME: Outbound = {
   response_type: "config",
@@ -265,6 +358,7 @@ const PROVIDERS: Record<ProviderName, { keys: string[]; modelVar?: string; model
   };
 
 export const createBrain = (config: Config): Brain => PROVIDERS[config.provider].create(config);
+const createFallback = ({ fallback, ...config }: Config) => fallback && createBrain({ ...config, ...fallback });
 
 const WORKING: BrainEvent = { type: "working" };
 
@@ -521,18 +615,51 @@ type Outcome = "completed" | "superseded" | "error" | "timeout";
 export interface AppOptions {
   config?: Config;
   brain?: Brain;
+  fallback?: Brain;
   tools?: Tool[];
-  persona?: typeof PERSONA;
+  persona?: Persona;
 }
 
 interface Deps {
   config: Config;
   brain: Brain;
+  fallback?: Brain;
   tools: Map<string, Tool>;
   specs: ToolSpec[];
-  persona: typeof PERSONA;
+  persona: Persona;
   greeted: Set<string>;
+  once: OnceStore;
   live: Set<Call>;
+}
+
+/** What a tool call came to: the text the model reads, and the action it asks for. */
+interface ToolResult {
+  content: string;
+  ok: boolean;
+  action?: CallAction;
+}
+
+/** Remembers what side-effect tools returned, per call and arguments, so a repeat gets the
+ * first result (or waits for it) instead of acting twice. A failed run may be retried. */
+class OnceStore {
+  private readonly results = new Map<string, { result: Promise<ToolResult>; at: number }>();
+
+  run(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
+    this.forgetOld();
+    const known = this.results.get(key);
+    if (known) return known.result;
+    const result = act();
+    this.results.set(key, { result, at: Date.now() });
+    result.then((r) => r.ok || this.results.delete(key), () => this.results.delete(key));
+    return result;
+  }
+
+  private forgetOld() {
+    for (const [key, { at }] of this.results) {
+      if (this.results.size <= 10_000 && Date.now() - at < ONCE_TTL_MS) break;
+      this.results.delete(key);
+    }
+  }
 }
 
 interface Peer {
@@ -540,6 +667,8 @@ interface Peer {
 }
 
 const GREETING_WAIT_MS = 1000;
+const ONCE_TTL_MS = 6 * 60 * 60 * 1000;
+const MAX_BARGE_IN_WORDS = 5;
 const MAX_TOOL_ROUNDS = 4;
 const MAX_BAD_FRAME_LOGS = 20;
 const MAX_VARS = 100;
@@ -568,6 +697,8 @@ class Call {
     this.deps.live.add(this);
     log("info", "call_open", { call_id: this.id, live_calls: this.deps.live.size });
     this.send(CONFIG_FRAME);
+    const settings = this.deps.persona.agentSettings;
+    if (settings) this.send({ response_type: "update_agent", agent_config: settings });
     // UNCERTAIN in Retell's docs: whether a reconnect expects the greeting again. We send an
     // empty id-0 response so the agent is not blocked and does not greet twice.
     if (this.deps.greeted.has(this.id)) return this.greet("");
@@ -674,11 +805,16 @@ function readVars(raw: Record<string, unknown> | null | undefined): Record<strin
 /** One response_id: streams the model's words until content_complete, or until superseded. */
 class Turn {
   private readonly controller = new AbortController();
-  private complete = false;
   private readonly started = performance.now();
+  private complete = false;
+  private spoke = false; // anything said in this turn, a holding line included
+  private brain: Brain;
+  private fillerTimer?: ReturnType<typeof setTimeout>;
   private stats = { ttft: undefined as number | undefined, chars: 0, tools: [] as string[] };
 
-  constructor(readonly call: Call, readonly id: number, readonly reminder: boolean) {}
+  constructor(readonly call: Call, readonly id: number, readonly reminder: boolean) {
+    this.brain = call.deps.brain;
+  }
 
   get signal() {
     return this.controller.signal;
@@ -699,37 +835,50 @@ class Turn {
   say(content: string, complete: boolean, flags: Flags = {}) {
     if (!this.live) return;
     this.call.send({ response_type: "response", response_id: this.id, content, content_complete: complete, ...flags });
+    this.spoke ||= content !== "";
     this.complete = complete;
   }
 
   async run(items: readonly (Item | null)[]) {
-    const { persona, brain } = this.call.deps;
+    const { persona, tools } = this.call.deps;
     let outcome: Outcome;
     try {
+      const due = await unfinishedAction(items, tools, this.context());
+      if (due) {
+        this.stats.tools.push(due.tool);
+        this.say("", true, due.action.flags);
+        log("info", "action_reissued", { call_id: this.call.id, response_id: this.id, tool: due.tool });
+      }
       const messages = toMessages(items);
       if (this.reminder) messages.push({ role: "user", text: persona.reminder });
-      outcome = await this.converse(messages);
+      outcome = due ? "completed" : await this.converse(messages);
     } catch (err) {
       outcome = this.signal.aborted ? "superseded" : err instanceof TimeoutError ? "timeout" : "error";
       if (outcome !== "superseded") {
         log("error", "turn_failed", { call_id: this.call.id, response_id: this.id, outcome, error: errorText(err) });
-        this.say((this.stats.chars ? " " : "") + persona.apology, true);
+        this.say((this.spoke ? " " : "") + persona.apology, true);
       }
     } finally {
+      clearTimeout(this.fillerTimer);
       this.say("", true); // never leave Retell waiting, whatever happened above
     }
+    this.logTurn(outcome);
+  }
+
+  private logTurn(outcome: Outcome) {
     log("info", "turn", {
       call_id: this.call.id,
       response_id: this.id,
       kind: this.reminder ? "reminder" : "response",
-      provider: brain.provider,
-      model: brain.model,
+      provider: this.brain.provider,
+      model: this.brain.model,
       ttft_ms: this.stats.ttft === undefined ? null : Math.round(this.stats.ttft),
       total_ms: Math.round(performance.now() - this.started),
       chars: this.stats.chars,
       tools: this.stats.tools,
       outcome,
       ...(outcome === "superseded" && { by: this.signal.reason }),
+      ...(this.brain === this.call.deps.fallback && { fallback: true }),
     });
   }
 
@@ -738,34 +887,70 @@ class Turn {
     const { deps } = this.call;
     const system = fillSlots(deps.persona.prompt, this.call.slots(), "unknown");
     for (let round = 0; round < MAX_TOOL_ROUNDS; round++) {
-      const { text, calls } = await this.streamModel({ system, messages, tools: deps.specs });
+      const { text, calls } = await this.whileHolding(() => this.streamRound({ system, messages, tools: deps.specs }));
       if (this.signal.aborted) return "superseded";
       if (!calls.length) {
         this.say("", true);
         return "completed";
       }
-      const results = await Promise.all(calls.map((c) => this.runTool(c)));
+      const results = await this.whileHolding(() => Promise.all(calls.map((c) => this.runTool(c))));
       if (this.signal.aborted) return "superseded";
-      const action = results.find((r): r is CallAction => r instanceof CallAction);
+      const action = results.find((r) => r.action)?.action;
       if (action) {
-        this.say(action.message.trim() || "Goodbye.", true, { ...action.flags, no_interruption_allowed: true });
+        this.say(action.message, true, { ...action.flags, no_interruption_allowed: true });
         return "completed";
       }
       // The next round sees what was already said, the calls, then all their results.
       if (text.trim()) messages.push({ role: "assistant", text: text.trim() });
       messages.push(
         ...calls,
-        ...calls.map((c, i) => ({ role: "tool_result" as const, id: c.id, content: results[i] as string })),
+        ...calls.map((c, i) => ({ role: "tool_result" as const, id: c.id, content: results[i].content })),
       );
     }
     throw new Error(`the model was still calling tools after ${MAX_TOOL_ROUNDS} rounds`);
   }
 
+  // While the model or a tool keeps the caller waiting past FILLER_AFTER_MS, say a holding
+  // line, once per turn and never after words have started.
+  private async whileHolding<T>(work: () => Promise<T>): Promise<T> {
+    const { persona, config } = this.call.deps;
+    if (!this.spoke) {
+      this.fillerTimer = setTimeout(() => {
+        if (!this.spoke) this.say(persona.holding[Math.floor(Math.random() * persona.holding.length)] ?? "", false);
+      }, config.fillerAfterMs);
+    }
+    try {
+      return await work();
+    } finally {
+      clearTimeout(this.fillerTimer);
+    }
+  }
+
+  // One model reply; if the provider fails before saying anything and a fallback provider is
+  // set, the same request goes to the fallback, which then answers the rest of the turn.
+  private async streamRound(request: BrainRequest) {
+    const { fallback } = this.call.deps;
+    const said = this.stats.chars;
+    try {
+      return await this.streamModel(this.brain, request);
+    } catch (err) {
+      if (this.signal.aborted || !fallback || this.brain === fallback || this.stats.chars > said) throw err;
+      log("warn", "provider_fallback", {
+        call_id: this.call.id,
+        response_id: this.id,
+        from: this.brain.provider,
+        to: fallback.provider,
+        error: errorText(err),
+      });
+      this.brain = fallback;
+      return await this.streamModel(fallback, request);
+    }
+  }
+
   // Streams one model reply as response frames; returns its words and tool calls. A
   // watchdog turns a slow first token, or a stream that stalls, into a TimeoutError.
-  private async streamModel(request: BrainRequest) {
-    const { brain, config } = this.call.deps;
-    const limit = config.firstTokenTimeoutMs;
+  private async streamModel(brain: Brain, request: BrainRequest) {
+    const limit = this.call.deps.config.firstTokenTimeoutMs;
     const model = new AbortController();
     const stop = () => model.abort(this.signal.reason);
     this.signal.addEventListener("abort", stop);
@@ -775,7 +960,7 @@ class Turn {
       timer = setTimeout(() => {
         const idle = performance.now() - last;
         if (idle < limit) return watch(limit - idle);
-        model.abort(new TimeoutError(`no tokens for ${Math.round(idle)} ms`));
+        model.abort(new TimeoutError(`${brain.provider} sent nothing for ${Math.round(idle)} ms`));
       }, ms);
     watch(limit);
     let text = "";
@@ -800,28 +985,26 @@ class Turn {
     return { text, calls };
   }
 
-  // Runs one tool call; whatever goes wrong becomes a result the model can talk about.
-  private async runTool(call: ToolCall): Promise<string | CallAction> {
-    const { tools, config } = this.call.deps;
+  private context(): ToolContext {
+    const { id, vars, deps } = this.call;
+    return { callId: id, vars, config: deps.config, signal: this.signal };
+  }
+
+  // Runs one tool call, reported to Retell; whatever goes wrong becomes a result the model
+  // can talk about. Side-effect tools go through the once-per-call store.
+  private async runTool(call: ToolCall): Promise<ToolResult> {
+    const { tools, config, once } = this.call.deps;
     this.stats.tools.push(call.name);
     this.send({ response_type: "tool_call_invocation", tool_call_id: call.id, name: call.name, arguments: call.args });
-    let result: string | CallAction;
-    let ok = false;
+    let result: ToolResult;
     try {
       const tool = tools.get(call.name);
       if (!tool) throw new Error(`there is no tool called ${call.name}`);
       const args = tool.schema.safeParse(parseObject(call.args));
       if (!args.success) throw new Error(`bad arguments: ${z.prettifyError(args.error)}`);
-      const ctx: ToolContext = { callId: this.call.id, vars: this.call.vars, config, signal: this.signal };
-      const value = await withTimeout(
-        Promise.resolve(tool.run(args.data, ctx)),
-        config.toolTimeoutMs,
-        "it took too long",
-      );
-      result = value instanceof CallAction
-        ? value
-        : clip(typeof value === "string" ? value : JSON.stringify(value ?? "done"));
-      ok = !(value && typeof value === "object" && "error" in value);
+      const act = () => invoke(tool, args.data, this.context());
+      const pending = tool.once ? once.run(`${this.call.id}\n${call.name}\n${canonical(args.data)}`, act) : act();
+      result = await withTimeout(pending, config.toolTimeoutMs, "it took too long");
     } catch (err) {
       log("warn", "tool_failed", {
         call_id: this.call.id,
@@ -829,13 +1012,59 @@ class Turn {
         tool: call.name,
         error: errorText(err),
       });
-      result = JSON.stringify({ error: `${call.name} failed: ${errorText(err)}` });
+      result = { content: JSON.stringify({ error: `${call.name} failed: ${errorText(err)}` }), ok: false };
     }
-    const content = result instanceof CallAction ? result.message : result;
-    this.send({ response_type: "tool_call_result", tool_call_id: call.id, content, successful: ok });
+    this.send({
+      response_type: "tool_call_result",
+      tool_call_id: call.id,
+      content: result.content,
+      successful: result.ok,
+    });
     return result;
   }
 }
+
+async function invoke(tool: Tool, args: unknown, ctx: ToolContext): Promise<ToolResult> {
+  const value = await tool.run(args, ctx);
+  if (value instanceof CallAction) return { content: value.message, ok: true, action: value };
+  const content = clip(typeof value === "string" ? value : JSON.stringify(value ?? "done"));
+  return { content, ok: !(value && typeof value === "object" && "error" in value) };
+}
+
+// The same arguments in any key order make the same key.
+const canonical = (value: unknown): string =>
+  JSON.stringify(
+    value,
+    (_, v) =>
+      v && typeof v === "object" && !Array.isArray(v)
+        ? Object.fromEntries(Object.entries(v).sort(([a], [b]) => a.localeCompare(b)))
+        : v,
+  );
+
+// An action (end_call, transfer_call) whose line the caller talked over is lost on Retell's
+// side. When the transcript ends with the agent having said at least half of that line and
+// the caller only a few words since, the action is re-issued instead of a new reply.
+async function unfinishedAction(items: readonly (Item | null)[], tools: Map<string, Tool>, ctx: ToolContext) {
+  let i = items.length - 1;
+  let barge = "";
+  while (i >= 0 && items[i]?.role === "user") barge += ` ${items[i--]?.content ?? ""}`;
+  if (!barge.trim() || countWords(barge) > MAX_BARGE_IN_WORDS || items[i]?.role !== "agent") return;
+  const spoken = normalize(items[i]?.content ?? "");
+  let j = i - 1;
+  while (j >= 0 && items[j]?.role === "tool_call_result") j--;
+  const invocation = items[j];
+  const tool = tools.get(invocation?.role === "tool_call_invocation" ? invocation.name ?? "" : "");
+  if (!tool?.action) return;
+  const args = tool.schema.safeParse(parseObject(invocation?.arguments ?? "{}"));
+  const { action } = args.success ? await invoke(tool, args.data, ctx) : {};
+  const line = normalize(action?.message ?? "").split(" ");
+  const half = line.slice(0, Math.ceil(line.length / 2)).join(" ");
+  if (!action || !half || !spoken.includes(half)) return;
+  return { tool: tool.name, action };
+}
+
+const normalize = (s: string) => s.toLowerCase().replace(/[^\p{L}\p{N}]+/gu, " ").trim();
+const countWords = (s: string) => normalize(s).split(" ").filter(Boolean).length;
 
 // Ends the loop as soon as `signal` aborts, even if the source never yields again or
 // throws before its first event.
@@ -883,10 +1112,12 @@ export function createApp(options: AppOptions = {}) {
   const deps: Deps = {
     config,
     brain: options.brain ?? createBrain(config),
+    fallback: options.fallback ?? createFallback(config),
     tools: new Map(tools.map((t) => [t.name, t])),
     specs: toolSpecs(tools),
     persona: options.persona ?? PERSONA,
     greeted: new Set(),
+    once: new OnceStore(),
     live: new Set(),
   };
   logDebug ||= config.logLevel === "debug";

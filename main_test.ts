@@ -37,7 +37,7 @@ function testConfig(overrides: Partial<Config> = {}): Config {
 }
 
 // The default persona's greeting waits for call_details; most tests want it at once.
-const testPersona = { ...PERSONA, greeting: "Hello, this is Ava." };
+const testPersona = { ...PERSONA, greeting: "Hello, this is Ava.", agentSettings: undefined };
 
 /** Plays Retell: a WebSocket client that queues every frame the server sends. */
 class Retell {
@@ -208,7 +208,8 @@ describe("serving", () => {
 
 describe("opening", () => {
   test("sends config first, then the greeting as response 0", async () => {
-    await withServer({ persona: { ...PERSONA, greeting: "Hello, you reached {{agent_name}}." } }, async (port) => {
+    const persona = { ...testPersona, greeting: "Hello, you reached {{agent_name}}." };
+    await withServer({ persona }, async (port) => {
       const retell = await Retell.connect(port);
       const first = await retell.next();
       assert.deepEqual(first, {
@@ -231,12 +232,12 @@ describe("opening", () => {
       const retell = await Retell.connect(port);
       await retell.next((f) => f.response_type === "config");
       await sleep(150);
-      assert.equal(retell.frames.length, 1, "greeting must wait for call_details");
+      assert.ok(!retell.frames.some((f) => f.response_type === "response"), "greeting must wait for call_details");
       retell.send({
         interaction_type: "call_details",
         call: { retell_llm_dynamic_variables: { customer_name: "Maria" } },
       });
-      const greeting = await retell.next();
+      const greeting = await retell.next((f) => f.response_type === "response");
       assert.equal(greeting.response_id, 0);
       assert.equal(greeting.content, "Hi Maria! This is Ava at Sunrise Dental. How can I help you today?");
       retell.close();
@@ -1465,5 +1466,490 @@ describe("starting the program", () => {
       run.child.kill("SIGKILL");
       await run.exited;
     }
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// Tools that act safely, and an agent that talks while it waits
+
+/** A side-effect tool that counts how often it really ran. */
+function countingTool(delayMs = 0) {
+  const runs: unknown[] = [];
+  const tool: Tool = {
+    name: "place_order",
+    description: "Place an order",
+    schema: z.object({ item: z.string(), qty: z.number() }),
+    once: true,
+    run: async (args: unknown) => {
+      runs.push(args);
+      await sleep(delayMs);
+      return { ordered: true, order_no: runs.length };
+    },
+  };
+  return { tool, runs };
+}
+
+/** The transcript_with_tool_calls items Retell would weave from the frames we sent. */
+const woven = (frames: Frame[]) =>
+  frames.filter((f) => f.response_type === "tool_call_invocation" || f.response_type === "tool_call_result").map((
+    { response_type, ...rest },
+  ) => ({ role: response_type, ...rest }));
+
+describe("tools: once per call", () => {
+  test("a side effect asked for again by a superseding request runs once and returns the first result", async () => {
+    const { tool, runs } = countingTool(300);
+    const brain = scripted((req, _s, n) => {
+      const last = req.messages.at(-1)!;
+      if (last.role === "tool_result") return say(`Done: ${last.content}`);
+      return callTool("place_order", { qty: 2, item: "brush" }, `call_${n}`);
+    });
+    await withServer({ brain, tools: [tool] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("two brushes please")]);
+      await retell.next((f) => f.response_type === "tool_call_invocation");
+      retell.ask(2, [user("two brushes please, thanks")]);
+      const { text } = await retell.reply(2);
+      assert.equal(text, 'Done: {"ordered":true,"order_no":1}');
+      assert.equal(runs.length, 1, "the order was placed once");
+      // A reconnect of the same call asking the same thing gets the same result, still once.
+      retell.close();
+      const again = await Retell.connect(port);
+      await again.opened();
+      again.ask(3, [user("did you order two brushes?")]);
+      assert.equal((await again.reply(3)).text, 'Done: {"ordered":true,"order_no":1}');
+      assert.equal(runs.length, 1);
+      again.close();
+    });
+  });
+
+  test("different arguments, or another call, do run again", async () => {
+    const { tool, runs } = countingTool();
+    let qty = 1;
+    const brain = scripted((req) =>
+      req.messages.at(-1)!.role === "tool_result" ? say("ok") : callTool("place_order", { item: "brush", qty: qty++ })
+    );
+    await withServer({ brain, tools: [tool] }, async (port) => {
+      for (const path of ["/llm-websocket/a", "/llm-websocket/a", "/llm-websocket/b"]) {
+        const retell = await Retell.connect(port, path);
+        await retell.opened();
+        retell.ask(1, [user("order")]);
+        await retell.reply(1);
+        retell.close();
+      }
+      assert.equal(runs.length, 3);
+    });
+  });
+
+  test("the clinic's booking tool books a slot once, and the slot is then gone", async () => {
+    const args = { date: "2030-01-07", time: "10:30", name: "Maria Lopez" };
+    const brain = scripted((req, _s, n) => {
+      const last = req.messages.at(-1)!;
+      if (last.role === "tool_result") return say(last.content);
+      return callTool(
+        n === 5 ? "check_availability" : "book_appointment",
+        n === 5 ? { date: args.date } : args,
+        `c${n}`,
+      );
+    });
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port, "/llm-websocket/booking_call");
+      await retell.opened();
+      retell.ask(1, [user("book me")]);
+      const first = JSON.parse((await retell.reply(1)).text);
+      assert.equal(first.booked, true);
+      assert.match(first.confirmation, /^SD-\d{4}$/);
+      retell.ask(2, [user("book me, please")]);
+      assert.deepEqual(JSON.parse((await retell.reply(2)).text), first, "the same booking comes back");
+      retell.ask(3, [user("what is free that day?")]);
+      const free = JSON.parse((await retell.reply(3)).text);
+      assert.deepEqual(free.open_times, ["09:00", "13:00", "15:30"]);
+      retell.close();
+    });
+  });
+});
+
+describe("tools: failures and parallel calls", () => {
+  test("a tool that exceeds TOOL_TIMEOUT_MS is reported to the model and the turn completes", async () => {
+    const slow: Tool = { name: "slow", description: "slow", schema: z.object({}), run: () => sleep(2000) };
+    const brain = scripted((req) => {
+      const last = req.messages.at(-1)!;
+      return last.role === "tool_result" ? say(`Sorry, ${JSON.parse(last.content).error}.`) : callTool("slow", {});
+    });
+    await withServer(
+      { brain, tools: [slow], config: testConfig({ toolTimeoutMs: 150, fillerAfterMs: 5000 }) },
+      async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("do the slow thing")]);
+        const { text, frames } = await retell.reply(1);
+        assert.equal(text, "Sorry, slow failed: it took too long.");
+        assert.equal(frames.filter((f) => f.content_complete).length, 1);
+        assert.equal(retell.frames.find((f) => f.response_type === "tool_call_result")!.successful, false);
+        retell.close();
+      },
+    );
+  });
+
+  test("parallel tool calls in one reply all run at once and their results go back together", async () => {
+    const lookup = (name: string): Tool => ({
+      name,
+      description: name,
+      schema: z.object({}),
+      run: () => sleep(300).then(() => `${name} result`),
+    });
+    const brain = scripted(async function* (req) {
+      if (req.messages.at(-1)!.role === "tool_result") return yield* say("Both done.");
+      yield* callTool("left", {}, "c_left");
+      yield* callTool("right", {}, "c_right");
+    });
+    await withServer({ brain, tools: [lookup("left"), lookup("right")] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      const started = Date.now();
+      retell.ask(1, [user("both please")]);
+      assert.equal((await retell.reply(1)).text, "Both done.");
+      assert.ok(Date.now() - started < 550, "the two 300 ms tools ran side by side");
+      assert.deepEqual(brain.requests[1].messages.slice(-4), [
+        { role: "tool_call", id: "c_left", name: "left", args: "{}" },
+        { role: "tool_call", id: "c_right", name: "right", args: "{}" },
+        { role: "tool_result", id: "c_left", content: "left result" },
+        { role: "tool_result", id: "c_right", content: "right result" },
+      ]);
+      retell.close();
+    });
+  });
+});
+
+describe("talking while waiting", () => {
+  const fillerConfig = () => testConfig({ fillerAfterMs: 100 });
+  const persona = { ...testPersona, holding: ["One moment."] };
+  const slowTool: Tool = {
+    name: "lookup",
+    description: "slow",
+    schema: z.object({}),
+    run: () => sleep(400).then(() => "found"),
+  };
+
+  test("a slow tool gets a holding line, then the answer, with one content_complete", async () => {
+    const brain = scripted((req) =>
+      req.messages.at(-1)!.role === "tool_result" ? say("Here it is.") : callTool("lookup", {})
+    );
+    await withServer({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("look it up")]);
+      const { text, frames } = await retell.reply(1);
+      assert.equal(text, "One moment.Here it is.");
+      assert.deepEqual(frames[0], {
+        response_type: "response",
+        response_id: 1,
+        content: "One moment.",
+        content_complete: false,
+      });
+      assert.equal(frames.filter((f) => f.content_complete).length, 1);
+      retell.close();
+    });
+  });
+
+  test("a slow model gets one holding line, and none follows when a tool is slow too", async () => {
+    const brain = scripted(async function* (req) {
+      if (req.messages.at(-1)!.role === "tool_result") return yield* say("Found it.");
+      await sleep(300);
+      yield* callTool("lookup", {});
+    });
+    await withServer({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("look it up")]);
+      assert.equal((await retell.reply(1)).text, "One moment.Found it.");
+      retell.close();
+    });
+  });
+
+  test("no holding line once the model has started talking", async () => {
+    const brain = scripted(async function* (req) {
+      if (req.messages.at(-1)!.role === "tool_result") return yield* say("Found it.");
+      yield* say("Let me check. ");
+      yield* callTool("lookup", {});
+    });
+    await withServer({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("look it up")]);
+      assert.equal((await retell.reply(1)).text, "Let me check. Found it.");
+      retell.close();
+    });
+  });
+});
+
+describe("actions that survive a barge-in", () => {
+  const goodbye = "Thanks for calling Sunrise Dental, goodbye!";
+
+  test("end_call is re-issued when the caller talked over the goodbye", async () => {
+    const brain = scripted(() => callTool("end_call", { message: goodbye }, "call_end"));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("that's all, bye")]);
+      const first = (await retell.reply(1)).frames.find((f) => f.content);
+      assert.deepEqual(first, {
+        response_type: "response",
+        response_id: 1,
+        content: goodbye,
+        content_complete: true,
+        end_call: true,
+        no_interruption_allowed: true,
+      });
+      // The caller said "okay" over the goodbye: Retell cancels the hang-up and asks again.
+      const said = [user("that's all, bye")];
+      const interrupted = [agent("Thanks for calling Sunrise Dental, good"), user("okay")];
+      retell.ask(2, [...said, ...interrupted], {
+        transcript_with_tool_calls: [...said, ...woven(retell.frames), ...interrupted],
+      });
+      const { frames } = await retell.reply(2);
+      assert.deepEqual(frames, [
+        { response_type: "response", response_id: 2, content: "", content_complete: true, end_call: true },
+      ]);
+      assert.equal(brain.requests.length, 1, "the model was not asked again");
+      retell.close();
+    });
+  });
+
+  test("transfer_call is re-issued the same way", async () => {
+    const brain = scripted(() => callTool("transfer_call", { message: "Connecting you to the front desk now." }, "t1"));
+    await withServer({ brain, config: testConfig({ transferNumber: "+14155550100" }) }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("a person please")]);
+      await retell.reply(1);
+      const interrupted = [agent("Connecting you to the front"), user("right")];
+      retell.ask(2, [], {
+        transcript_with_tool_calls: [user("a person please"), ...woven(retell.frames), ...interrupted],
+      });
+      const { frames } = await retell.reply(2);
+      assert.equal(frames.length, 1);
+      assert.equal(frames[0].transfer_number, "+14155550100");
+      retell.close();
+    });
+  });
+
+  test("a caller who says more than a few words over the goodbye gets a real answer", async () => {
+    const brain = scripted((_r, _s, n) =>
+      n === 1 ? callTool("end_call", { message: goodbye }, "e1") : say("Of course, go ahead.")
+    );
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("bye")]);
+      await retell.reply(1);
+      const interrupted = [
+        agent("Thanks for calling Sunrise Dental"),
+        user("wait, I have one more question about billing"),
+      ];
+      retell.ask(2, [], { transcript_with_tool_calls: [user("bye"), ...woven(retell.frames), ...interrupted] });
+      const { text, frames } = await retell.reply(2);
+      assert.equal(text, "Of course, go ahead.");
+      assert.ok(frames.every((f) => f.end_call === undefined));
+      retell.close();
+    });
+  });
+
+  test("press_digit sends digit_to_press", async () => {
+    const brain = scripted(() => callTool("press_digit", { digits: "2#" }));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("For appointments, press 2 then hash.")]);
+      const { frames } = await retell.reply(1);
+      assert.equal(frames.at(-1)!.digit_to_press, "2#");
+      assert.equal(frames.at(-1)!.content_complete, true);
+      retell.close();
+    });
+  });
+});
+
+describe("provider fallback", () => {
+  test("a primary that misses the first-token deadline is retried once on the fallback", async () => {
+    const primary = scripted(async function* () {
+      await new Promise(() => {}); // hangs forever
+      yield* say();
+    });
+    const fallback = scripted(() => say("Backup here."));
+    fallback.provider = "backup";
+    const logs = await captureLogs(() =>
+      withServer({ brain: primary, fallback, config: testConfig({ firstTokenTimeoutMs: 150 }) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("hello")]);
+        assert.equal((await retell.reply(1)).text, "Backup here.");
+        retell.close();
+      })
+    );
+    const turn = logs.find((l) => l.event === "turn")!;
+    assert.equal(turn.provider, "backup");
+    assert.equal(turn.fallback, true);
+    assert.equal(turn.outcome, "completed");
+  });
+
+  test("when the fallback fails too, the apology is spoken once", async () => {
+    const failing = (name: string) => {
+      const brain = scripted(async function* () {
+        yield* say();
+        throw new Error(`${name} down`);
+      });
+      brain.provider = name;
+      return brain;
+    };
+    await withServer({ brain: failing("one"), fallback: failing("two") }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("hello")]);
+      assert.equal((await retell.reply(1)).text, PERSONA.apology);
+      retell.close();
+    });
+  });
+
+  test("FALLBACK_PROVIDER is checked at startup", () => {
+    const config = loadConfig({ OPENAI_API_KEY: "a", ANTHROPIC_API_KEY: "b", FALLBACK_PROVIDER: "anthropic" });
+    assert.deepEqual(config.fallback, { provider: "anthropic", model: "claude-haiku-4-5" });
+    assert.throws(() => loadConfig({ OPENAI_API_KEY: "a", FALLBACK_PROVIDER: "openai" }), /must differ/);
+    assert.throws(
+      () => loadConfig({ OPENAI_API_KEY: "a", FALLBACK_PROVIDER: "anthropic" }),
+      /ANTHROPIC_API_KEY is not set/,
+    );
+    assert.throws(() => loadConfig({ FALLBACK_PROVIDER: "nope" }), /FALLBACK_PROVIDER must be one of/);
+  });
+});
+
+describe("persona agent settings and tool memory", () => {
+  test("update_agent is sent after config when the persona sets agent settings", async () => {
+    const agentSettings = {
+      responsiveness: 0.5,
+      interruption_sensitivity: 0.3,
+      reminder_trigger_ms: 8000,
+      reminder_max_count: 2,
+    };
+    await withServer({ persona: { ...testPersona, agentSettings } }, async (port) => {
+      const retell = await Retell.connect(port);
+      assert.equal((await retell.next()).response_type, "config");
+      assert.deepEqual(await retell.next(), { response_type: "update_agent", agent_config: agentSettings });
+      assert.equal((await retell.next()).response_id, 0);
+      retell.close();
+    });
+  });
+
+  test("a tool result from turn 1 reaches the model in turn 3, after a reconnect", async () => {
+    const brain = scripted((_req, _s, n) => {
+      if (n === 1) return callTool("check_availability", { date: "2030-01-08" }, "call_avail");
+      return say(n === 2 ? "Nine or half past ten." : "Half past ten it is.");
+    });
+    await withServer({ brain }, async (port) => {
+      const first = await Retell.connect(port, "/llm-websocket/memory");
+      await first.opened();
+      const turn1 = [user("what's free on the 8th?")];
+      first.ask(1, turn1);
+      await first.reply(1);
+      const tools = woven(first.frames);
+      first.ws.close(3000);
+      const second = await Retell.connect(port, "/llm-websocket/memory");
+      await second.opened();
+      const history = [...turn1, ...tools, agent("Nine or half past ten."), user("hmm"), agent("Any preference?")];
+      second.ask(3, [], { transcript_with_tool_calls: [...history, user("half past ten")] });
+      assert.equal((await second.reply(3)).text, "Half past ten it is.");
+      const seen = brain.requests[2].messages;
+      const result = seen.find((m) => m.role === "tool_result")!;
+      assert.equal(result.id, "call_avail");
+      assert.deepEqual(JSON.parse((result as { content: string }).content).open_times.slice(0, 2), ["09:00", "10:30"]);
+      second.close();
+    });
+  });
+});
+
+describe("provider fallback through the real SDKs", () => {
+  const claudeText = (text: string) => [
+    claudeEvent("message_start", {
+      message: {
+        id: "m",
+        type: "message",
+        role: "assistant",
+        model: "c",
+        content: [],
+        stop_reason: null,
+        stop_sequence: null,
+        usage: { input_tokens: 1, output_tokens: 1 },
+      },
+    }),
+    claudeEvent("content_block_start", { index: 0, content_block: { type: "text", text: "" } }),
+    claudeEvent("content_block_delta", { index: 0, delta: { type: "text_delta", text } }),
+    claudeEvent("content_block_stop", { index: 0 }),
+    claudeEvent("message_delta", {
+      delta: { stop_reason: "end_turn", stop_sequence: null },
+      usage: { output_tokens: 2 },
+    }),
+    claudeEvent("message_stop"),
+  ];
+
+  for (const primary of ["openai", "anthropic"] as const) {
+    test(`${primary} answering HTTP 500 falls back to the other provider in the same turn`, async () => {
+      const broken = await fakeProvider((res) => {
+        res.writeHead(500, { "content-type": "application/json" });
+        res.end(JSON.stringify({ error: { type: "api_error", message: "down" }, type: "error" }));
+      });
+      const healthy = await fakeProvider((res) =>
+        primary === "openai"
+          ? stream(res, claudeText("Claude here."))
+          : stream(res, [openaiChunk({ content: "GPT here." }), "data: [DONE]\n\n"])
+      );
+      const [openaiUrl, claudeUrl] = primary === "openai"
+        ? [broken.baseUrl, healthy.baseUrl]
+        : [healthy.baseUrl, broken.baseUrl];
+      const config = loadConfig({
+        LLM_PROVIDER: primary,
+        FALLBACK_PROVIDER: primary === "openai" ? "anthropic" : "openai",
+        OPENAI_API_KEY: "sk-test",
+        OPENAI_BASE_URL: `${openaiUrl}/v1`,
+        ANTHROPIC_API_KEY: "sk-ant-test",
+        ANTHROPIC_BASE_URL: claudeUrl,
+      });
+      try {
+        const logs = await captureLogs(() =>
+          withServer({ config: testConfig(config) }, async (port) => {
+            const retell = await Retell.connect(port);
+            await retell.opened();
+            retell.ask(1, [user("hello")]);
+            assert.equal((await retell.reply(1, 5000)).text, primary === "openai" ? "Claude here." : "GPT here.");
+            retell.close();
+          })
+        );
+        assert.ok(broken.requests.length >= 1);
+        assert.equal(healthy.requests.length, 1);
+        const turn = logs.find((l) => l.event === "turn")!;
+        assert.equal(turn.provider, primary === "openai" ? "anthropic" : "openai");
+        assert.equal(turn.fallback, true);
+      } finally {
+        await broken.close();
+        await healthy.close();
+      }
+    });
+  }
+});
+
+describe("docs", () => {
+  const read = (file: string) => readFileSync(new URL(file, import.meta.url), "utf8");
+
+  test("the README's environment table lists exactly the variables of .env.example, in order", () => {
+    const example = [...read("./.env.example").matchAll(/^([A-Z][A-Z0-9_]+)=/gm)].map((m) => m[1]);
+    const table = [...read("./README.md").matchAll(/^\| `([A-Z][A-Z0-9_]+)` +\|/gm)].map((m) => m[1]);
+    assert.deepEqual(table, example);
+    const used = new Set([...read("./main.ts").matchAll(/"([A-Z][A-Z0-9]+_[A-Z0-9_]+|PORT)"/g)].map((m) => m[1]));
+    for (const name of used) assert.ok(example.includes(name), `${name} is read in main.ts but not documented`);
+  });
+
+  test("the README's Make it yours headings match the section markers in main.ts", () => {
+    const markers = [...read("./main.ts").matchAll(/^\/\/ (\d)\. (\w+)/gm)].map((m) => `${m[1]}. ${m[2]}`);
+    const headings = [...read("./README.md").matchAll(/^### (\d)\. (\w+)/gm)].map((m) => `${m[1]}. ${m[2]}`);
+    assert.ok(headings.length >= 3);
+    for (const heading of headings) assert.ok(markers.includes(heading), `${heading} has no marker in main.ts`);
   });
 });
