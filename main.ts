@@ -190,7 +190,7 @@ export interface Config {
   firstTokenTimeoutMs: number;
   toolTimeoutMs: number;
   fillerAfterMs: number;
-  logLevel: "debug" | "info";
+  logLevel: LogLevel;
 }
 
 export class ConfigError extends Error {}
@@ -206,9 +206,9 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   if (transferNumber && !/^\+[1-9]\d{6,14}$/.test(transferNumber)) {
     throw new ConfigError(`TRANSFER_NUMBER must be an E.164 phone number like +14155550123 (got "${transferNumber}").`);
   }
-  const logLevel = get("LOG_LEVEL") ?? "info";
-  if (logLevel !== "info" && logLevel !== "debug") {
-    throw new ConfigError(`LOG_LEVEL must be info or debug (got "${logLevel}").`);
+  const logLevel = (get("LOG_LEVEL") ?? "info") as LogLevel;
+  if (!LOG_LEVELS.includes(logLevel)) {
+    throw new ConfigError(`LOG_LEVEL must be one of ${LOG_LEVELS.join(", ")} (got "${logLevel}").`);
   }
   return {
     provider,
@@ -489,37 +489,80 @@ function parseObject(json: string): Record<string, unknown> {
 }
 
 // With no API key, a tiny offline brain answers, so the first run works without any account.
+// It knows the clinic's tools by keyword: "is Monday free?", "book 10:30, my name is Ana",
+// "a person please", "bye". Everything else gets a hint.
 function demoBrain(config: Config): Brain {
   return {
     provider: "demo",
     model: config.model,
     async *stream({ messages }) {
       const last = messages.at(-1);
-      const heard = last?.role === "user" ? last.text.replace(/[.!?]+$/, "") : "";
-      if (last?.role === "tool_result") {
-        yield* words(last.content.includes("error") ? "Sorry, I couldn't do that." : "Done.");
-      } else if (heard.startsWith("(")) yield* words("Are you still there?"); // a reminder
-      else if (/\b(bye|goodbye|hang up)\b/i.test(heard)) {
-        yield {
-          type: "tool_call",
-          id: newId("demo"),
-          name: "end_call",
-          args: '{"message":"Thanks for calling. Goodbye!"}',
-        };
-      } else if (/\b(human|person|someone|transfer)\b/i.test(heard)) {
-        yield {
-          type: "tool_call",
-          id: newId("demo"),
-          name: "transfer_call",
-          args: '{"message":"Connecting you now."}',
-        };
-      } else {
-        yield* words(
-          `I'm the offline demo brain, so I can only repeat what I heard: ${heard.slice(0, 200) || "nothing"}.`,
-        );
-      }
+      if (last?.role === "tool_result") return yield* words(demoSummary(last.content));
+      const heard = last?.role === "user" ? last.text : "";
+      const call = demoToolCall(heard, messages);
+      if (call) yield { type: "tool_call", id: newId("demo"), name: call.name, args: JSON.stringify(call.args) };
+      else if (heard.startsWith("(")) yield* words("Are you still there?"); // a reminder
+      else {yield* words(
+          "I'm the offline demo brain. I can check a day, book a time, get you a person, or say goodbye.",
+        );}
     },
   };
+}
+
+function demoToolCall(heard: string, messages: Message[]): { name: string; args: object } | undefined {
+  const said = heard.toLowerCase();
+  const date = demoDate(said) ?? demoLastDate(messages);
+  const time = said.replace(/\d{4}-\d{2}-\d{2}/, "").match(/\b(\d{1,2})(?::(\d{2}))?\s*(am|pm)?\b/);
+  if (/\b(bye|goodbye|hang up)\b/.test(said)) {
+    return { name: "end_call", args: { message: "Thanks for calling. Goodbye!" } };
+  }
+  if (/\b(human|person|someone|transfer)\b/.test(said)) {
+    return { name: "transfer_call", args: { message: "Connecting you now." } };
+  }
+  if (/\bbook\b/.test(said) && date && time && (time[2] || time[3])) {
+    const hour = Number(time[1]) + (time[3] === "pm" && Number(time[1]) < 12 ? 12 : 0);
+    const name = heard.match(/my name is ([\p{L} '-]+)/iu)?.[1].trim() ?? "the caller";
+    return {
+      name: "book_appointment",
+      args: { date, time: `${String(hour).padStart(2, "0")}:${time[2] ?? "00"}`, name },
+    };
+  }
+  if (date) return { name: "check_availability", args: { date } };
+}
+
+// A date said as 2030-01-07, or as a weekday (the next one).
+function demoDate(said: string): string | undefined {
+  const iso = said.match(/\b\d{4}-\d{2}-\d{2}\b/)?.[0];
+  if (iso) return iso;
+  const day = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"].findIndex((d) =>
+    said.includes(d)
+  );
+  if (day < 0) return undefined;
+  const date = new Date();
+  date.setUTCDate(date.getUTCDate() + ((day - date.getUTCDay() + 7) % 7 || 7));
+  return date.toISOString().slice(0, 10);
+}
+
+// "Book 10:30" after a check of a day books that day.
+function demoLastDate(messages: Message[]): string | undefined {
+  const call = messages.findLast((m): m is ToolCall => m.role === "tool_call" && m.name === "check_availability");
+  const date = call && parseObject(call.args).date;
+  return typeof date === "string" ? date : undefined;
+}
+
+function demoSummary(content: string): string {
+  const result = parseObject(content);
+  if (result.error) return "Sorry, I couldn't do that.";
+  if (result.booked) {
+    return `You're booked for ${result.date} at ${result.time}. Your confirmation is ${result.confirmation}.`;
+  }
+  if (Array.isArray(result.open_times)) {
+    const times = result.open_times as string[];
+    return times.length
+      ? `On ${result.date} I have ${times.join(", ")}. Which suits you?`
+      : `Sorry, ${result.date} is fully booked or closed.`;
+  }
+  return "Done.";
 }
 
 async function* words(text: string): AsyncGenerator<BrainEvent> {
@@ -1099,9 +1142,12 @@ const newId = (prefix: string) => `${prefix}_${crypto.randomUUID().replaceAll("-
 
 const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err)).slice(0, 300);
 
-let logDebug = false;
-export function log(level: "debug" | "info" | "warn" | "error", event: string, fields: Record<string, unknown> = {}) {
-  if (level === "debug" && !logDebug) return;
+const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
+type LogLevel = typeof LOG_LEVELS[number];
+let logFrom = 1; // info
+
+export function log(level: LogLevel, event: string, fields: Record<string, unknown> = {}) {
+  if (LOG_LEVELS.indexOf(level) < logFrom) return;
   console.log(JSON.stringify({ time: new Date().toISOString(), level, event, ...fields }));
 }
 
@@ -1120,7 +1166,7 @@ export function createApp(options: AppOptions = {}) {
     once: new OnceStore(),
     live: new Set(),
   };
-  logDebug ||= config.logLevel === "debug";
+  logFrom = LOG_LEVELS.indexOf(config.logLevel);
   try {
     now(deps.persona.timezone);
   } catch {

@@ -1542,7 +1542,7 @@ describe("tools: once per call", () => {
   });
 
   test("the clinic's booking tool books a slot once, and the slot is then gone", async () => {
-    const args = { date: "2030-01-07", time: "10:30", name: "Maria Lopez" };
+    const args = { date: "2031-03-03", time: "10:30", name: "Maria Lopez" };
     const brain = scripted((req, _s, n) => {
       const last = req.messages.at(-1)!;
       if (last.role === "tool_result") return say(last.content);
@@ -1841,7 +1841,7 @@ describe("persona agent settings and tool memory", () => {
 
   test("a tool result from turn 1 reaches the model in turn 3, after a reconnect", async () => {
     const brain = scripted((_req, _s, n) => {
-      if (n === 1) return callTool("check_availability", { date: "2030-01-08" }, "call_avail");
+      if (n === 1) return callTool("check_availability", { date: "2031-03-04" }, "call_avail");
       return say(n === 2 ? "Nine or half past ten." : "Half past ten it is.");
     });
     await withServer({ brain }, async (port) => {
