@@ -84,6 +84,8 @@ export class CallAction {
 
 export interface ToolContext {
   callId: string;
+  /** For `once` tools: the same for a repeat of this call, to pass on to your API. */
+  idempotencyKey?: string;
   vars: Readonly<Record<string, string>>;
   config: Config;
   signal: AbortSignal;
@@ -105,14 +107,24 @@ const tool = <S extends z.ZodObject>(t: Tool<S>) => t as unknown as Tool;
 const TIMES = ["09:00", "10:30", "13:00", "15:30"];
 const bookings = new Map<string, { name: string; confirmation: string }>();
 
-function openTimes(date: string): string[] {
-  const weekday = new Date(`${date}T12:00:00Z`).getUTCDay();
-  if (Number.isNaN(weekday) || weekday === 0 || weekday === 6) return [];
-  return TIMES.filter((time) => !bookings.has(`${date} ${time}`));
+function closedBecause(date: string): string | undefined {
+  const day = new Date(`${date}T12:00:00Z`);
+  if (Number.isNaN(day.getTime()) || day.toISOString().slice(0, 10) !== date) return "it is not a real date";
+  if (date < new Date().toISOString().slice(0, 10)) return "it is in the past";
+  if (day.getUTCDay() === 0 || day.getUTCDay() === 6) return "the clinic is closed at weekends";
+}
+
+function openTimes(date: string) {
+  const closed = closedBecause(date);
+  return closed
+    ? { date, open_times: [] as string[], closed }
+    : { date, open_times: TIMES.filter((t) => !bookings.has(`${date} ${t}`)) };
 }
 
 function book(date: string, time: string, name: string) {
-  if (!openTimes(date).includes(time)) return { error: `${date} at ${time} is not free. Offer another time.` };
+  if (!openTimes(date).open_times.includes(time)) {
+    return { error: `${date} at ${time} is not free. Offer another time.` };
+  }
   if (bookings.size >= 10_000) return { error: "The diary is full. Offer to take a message." };
   const confirmation = `SD-${Math.floor(1000 + Math.random() * 9000)}`;
   bookings.set(`${date} ${time}`, { name, confirmation });
@@ -126,7 +138,7 @@ export const TOOLS: Tool[] = [
     name: "check_availability",
     description: "List the free appointment times on one day. Call it before offering any time.",
     schema: z.object({ date: DATE }),
-    run: ({ date }) => ({ date, open_times: openTimes(date) }),
+    run: ({ date }) => openTimes(date),
   }),
   tool({
     name: "book_appointment",
@@ -499,9 +511,9 @@ function demoBrain(config: Config): Brain {
       const last = messages.at(-1);
       if (last?.role === "tool_result") return yield* words(demoSummary(last.content));
       const heard = last?.role === "user" ? last.text : "";
+      if (heard.startsWith("(")) return yield* words("Are you still there?"); // a reminder
       const call = demoToolCall(heard, messages);
       if (call) yield { type: "tool_call", id: newId("demo"), name: call.name, args: JSON.stringify(call.args) };
-      else if (heard.startsWith("(")) yield* words("Are you still there?"); // a reminder
       else {yield* words(
           "I'm the offline demo brain. I can check a day, book a time, get you a person, or say goodbye.",
         );}
@@ -511,7 +523,7 @@ function demoBrain(config: Config): Brain {
 
 function demoToolCall(heard: string, messages: Message[]): { name: string; args: object } | undefined {
   const said = heard.toLowerCase();
-  const date = demoDate(said) ?? demoLastDate(messages);
+  const date = demoDate(said);
   const time = said.replace(/\d{4}-\d{2}-\d{2}/, "").match(/\b(\d{1,2})(?::(\d{2}))?\s*(am|pm)?\b/);
   if (/\b(bye|goodbye|hang up)\b/.test(said)) {
     return { name: "end_call", args: { message: "Thanks for calling. Goodbye!" } };
@@ -519,12 +531,13 @@ function demoToolCall(heard: string, messages: Message[]): { name: string; args:
   if (/\b(human|person|someone|transfer)\b/.test(said)) {
     return { name: "transfer_call", args: { message: "Connecting you now." } };
   }
-  if (/\bbook\b/.test(said) && date && time && (time[2] || time[3])) {
+  const day = date ?? demoLastDate(messages);
+  if (/\bbook\b/.test(said) && day && time && (time[2] || time[3])) {
     const hour = Number(time[1]) + (time[3] === "pm" && Number(time[1]) < 12 ? 12 : 0);
     const name = heard.match(/my name is ([\p{L} '-]+)/iu)?.[1].trim() ?? "the caller";
     return {
       name: "book_appointment",
-      args: { date, time: `${String(hour).padStart(2, "0")}:${time[2] ?? "00"}`, name },
+      args: { date: day, time: `${String(hour).padStart(2, "0")}:${time[2] ?? "00"}`, name },
     };
   }
   if (date) return { name: "check_availability", args: { date } };
@@ -672,6 +685,8 @@ interface Deps {
   persona: Persona;
   greeted: Set<string>;
   once: OnceStore;
+  /** Actions sent, by tool call id, so one the caller talked over can be sent again. */
+  actions: Map<string, CallAction>;
   live: Set<Call>;
 }
 
@@ -683,18 +698,22 @@ interface ToolResult {
 }
 
 /** Remembers what side-effect tools returned, per call and arguments, so a repeat gets the
- * first result (or waits for it) instead of acting twice. A failed run may be retried. */
+ * first result (or waits for it) instead of acting twice. A run that failed, or that never
+ * settled long after its timeout, may be tried again. */
 class OnceStore {
-  private readonly results = new Map<string, { result: Promise<ToolResult>; at: number }>();
+  private readonly results = new Map<string, { result: Promise<ToolResult>; at: number; settled: boolean }>();
+
+  constructor(private readonly staleMs: number) {}
 
   run(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
     this.forgetOld();
     const known = this.results.get(key);
-    if (known) return known.result;
-    const result = act();
-    this.results.set(key, { result, at: Date.now() });
-    result.then((r) => r.ok || this.results.delete(key), () => this.results.delete(key));
-    return result;
+    if (known && (known.settled || Date.now() - known.at < this.staleMs)) return known.result;
+    const entry = { result: act(), at: Date.now(), settled: false };
+    this.results.set(key, entry);
+    const forget = () => this.results.get(key) === entry && this.results.delete(key);
+    entry.result.then((r) => r.ok ? entry.settled = true : forget(), forget);
+    return entry.result;
   }
 
   private forgetOld() {
@@ -741,7 +760,7 @@ class Call {
     log("info", "call_open", { call_id: this.id, live_calls: this.deps.live.size });
     this.send(CONFIG_FRAME);
     const settings = this.deps.persona.agentSettings;
-    if (settings) this.send({ response_type: "update_agent", agent_config: settings });
+    if (settings && Object.keys(settings).length) this.send({ response_type: "update_agent", agent_config: settings });
     // UNCERTAIN in Retell's docs: whether a reconnect expects the greeting again. We send an
     // empty id-0 response so the agent is not blocked and does not greet twice.
     if (this.deps.greeted.has(this.id)) return this.greet("");
@@ -883,10 +902,10 @@ class Turn {
   }
 
   async run(items: readonly (Item | null)[]) {
-    const { persona, tools } = this.call.deps;
+    const { persona } = this.call.deps;
     let outcome: Outcome;
     try {
-      const due = await unfinishedAction(items, tools, this.context());
+      const due = await unfinishedAction(items, this.call.deps, this.context());
       if (due) {
         this.stats.tools.push(due.tool);
         this.say("", true, due.action.flags);
@@ -936,7 +955,9 @@ class Turn {
         this.say("", true);
         return "completed";
       }
-      const results = await this.whileHolding(() => Promise.all(calls.map((c) => this.runTool(c))));
+      // An action asked for beside other tools waits: the model first hears their results.
+      const waits = (c: ToolCall) => calls.length > 1 && Boolean(deps.tools.get(c.name)?.action);
+      const results = await this.whileHolding(() => Promise.all(calls.map((c) => this.runTool(c, waits(c)))));
       if (this.signal.aborted) return "superseded";
       const action = results.find((r) => r.action)?.action;
       if (action) {
@@ -953,14 +974,14 @@ class Turn {
     throw new Error(`the model was still calling tools after ${MAX_TOOL_ROUNDS} rounds`);
   }
 
-  // While the model or a tool keeps the caller waiting past FILLER_AFTER_MS, say a holding
-  // line, once per turn and never after words have started.
+  // When the caller has waited FILLER_AFTER_MS since the request, on the model or on a tool,
+  // say a holding line: once per turn and never after words have started.
   private async whileHolding<T>(work: () => Promise<T>): Promise<T> {
     const { persona, config } = this.call.deps;
     if (!this.spoke) {
-      this.fillerTimer = setTimeout(() => {
-        if (!this.spoke) this.say(persona.holding[Math.floor(Math.random() * persona.holding.length)] ?? "", false);
-      }, config.fillerAfterMs);
+      const line = persona.holding[Math.floor(Math.random() * persona.holding.length)];
+      const wait = Math.max(0, config.fillerAfterMs - (performance.now() - this.started));
+      this.fillerTimer = setTimeout(() => line && !this.spoke && this.say(`${line} `, false), wait);
     }
     try {
       return await work();
@@ -1034,28 +1055,47 @@ class Turn {
   }
 
   // Runs one tool call, reported to Retell; whatever goes wrong becomes a result the model
-  // can talk about. Side-effect tools go through the once-per-call store.
-  private async runTool(call: ToolCall): Promise<ToolResult> {
-    const { tools, config, once } = this.call.deps;
+  // can talk about. Side-effect tools go through the once-per-call store and are not
+  // stopped by a newer request; any tool is told to stop when it runs out of time.
+  private async runTool(call: ToolCall, waits = false): Promise<ToolResult> {
+    const { tools, config, once, actions } = this.call.deps;
     this.stats.tools.push(call.name);
     this.send({ response_type: "tool_call_invocation", tool_call_id: call.id, name: call.name, arguments: call.args });
+    const tool = tools.get(call.name);
+    const stop = new AbortController();
+    const superseded = () => stop.abort(this.signal.reason);
+    if (!tool?.once) this.signal.addEventListener("abort", superseded);
     let result: ToolResult;
     try {
-      const tool = tools.get(call.name);
       if (!tool) throw new Error(`there is no tool called ${call.name}`);
+      if (waits) {
+        throw new Error(`not done yet: first tell the caller about the other results, then call ${call.name} again`);
+      }
       const args = tool.schema.safeParse(parseObject(call.args));
       if (!args.success) throw new Error(`bad arguments: ${z.prettifyError(args.error)}`);
-      const act = () => invoke(tool, args.data, this.context());
-      const pending = tool.once ? once.run(`${this.call.id}\n${call.name}\n${canonical(args.data)}`, act) : act();
-      result = await withTimeout(pending, config.toolTimeoutMs, "it took too long");
+      const key = tool.once ? `${this.call.id}\n${call.name}\n${canonical(args.data)}` : undefined;
+      const ctx = {
+        ...this.context(),
+        signal: stop.signal,
+        idempotencyKey: key && digest(key).toString("hex").slice(0, 32),
+      };
+      const act = () => invoke(tool, args.data, ctx);
+      result = await withTimeout(key ? once.run(key, act) : act(), config.toolTimeoutMs, "it took too long");
+      if (result.action) remember(actions, call.id, result.action);
     } catch (err) {
+      if (err instanceof TimeoutError) stop.abort(err);
+      const unknown = err instanceof TimeoutError && tool?.once
+        ? ", so it may or may not have happened: do not promise it"
+        : "";
       log("warn", "tool_failed", {
         call_id: this.call.id,
         response_id: this.id,
         tool: call.name,
         error: errorText(err),
       });
-      result = { content: JSON.stringify({ error: `${call.name} failed: ${errorText(err)}` }), ok: false };
+      result = { content: JSON.stringify({ error: `${call.name} failed: ${errorText(err)}${unknown}` }), ok: false };
+    } finally {
+      this.signal.removeEventListener("abort", superseded);
     }
     this.send({
       response_type: "tool_call_result",
@@ -1066,6 +1106,11 @@ class Turn {
     return result;
   }
 }
+
+const remember = <K, V>(map: Map<K, V>, key: K, value: V) => {
+  map.set(key, value);
+  if (map.size > 10_000) map.delete(map.keys().next().value!);
+};
 
 async function invoke(tool: Tool, args: unknown, ctx: ToolContext): Promise<ToolResult> {
   const value = await tool.run(args, ctx);
@@ -1085,29 +1130,46 @@ const canonical = (value: unknown): string =>
   );
 
 // An action (end_call, transfer_call) whose line the caller talked over is lost on Retell's
-// side. When the transcript ends with the agent having said at least half of that line and
-// the caller only a few words since, the action is re-issued instead of a new reply.
-async function unfinishedAction(items: readonly (Item | null)[], tools: Map<string, Tool>, ctx: ToolContext) {
-  let i = items.length - 1;
-  let barge = "";
-  while (i >= 0 && items[i]?.role === "user") barge += ` ${items[i--]?.content ?? ""}`;
-  if (!barge.trim() || countWords(barge) > MAX_BARGE_IN_WORDS || items[i]?.role !== "agent") return;
-  const spoken = normalize(items[i]?.content ?? "");
-  let j = i - 1;
-  while (j >= 0 && items[j]?.role === "tool_call_result") j--;
-  const invocation = items[j];
-  const tool = tools.get(invocation?.role === "tool_call_invocation" ? invocation.name ?? "" : "");
-  if (!tool?.action) return;
-  const args = tool.schema.safeParse(parseObject(invocation?.arguments ?? "{}"));
-  const { action } = args.success ? await invoke(tool, args.data, ctx) : {};
+// side. When the agent had said at least half of that line and the caller only acknowledged
+// it ("okay", "thanks, bye"), the action is re-issued instead of starting a new reply.
+async function unfinishedAction(items: readonly (Item | null)[], deps: Deps, ctx: ToolContext) {
+  let end = items.length;
+  while (end > 0 && items[end - 1]?.role === "user") end--;
+  const barge = normalize(items.slice(end).map((it) => it?.content ?? "").join(" ")).split(" ").filter(Boolean);
+  if (!barge.length || barge.length > MAX_BARGE_IN_WORDS || !barge.every((w) => ACKNOWLEDGEMENTS.has(w))) return;
+  // The agent's side of the last exchange: everything since the caller spoke before.
+  let start = end;
+  while (start > 0 && items[start - 1]?.role !== "user") start--;
+  const exchange = items.slice(start, end);
+  const at = exchange.findLastIndex((it) =>
+    it?.role === "tool_call_invocation" && deps.tools.get(it.name ?? "")?.action
+  );
+  const invocation = exchange[at];
+  if (!invocation?.tool_call_id) return;
+  const action = deps.actions.get(invocation.tool_call_id) ?? await rebuildAction(invocation, deps, ctx);
+  const spoken = normalize(exchange.slice(at + 1).map((it) => it?.role === "agent" ? it.content ?? "" : "").join(" "));
   const line = normalize(action?.message ?? "").split(" ");
   const half = line.slice(0, Math.ceil(line.length / 2)).join(" ");
-  if (!action || !half || !spoken.includes(half)) return;
-  return { tool: tool.name, action };
+  if (action && half && spoken.includes(half)) return { tool: invocation.name!, action };
 }
 
+// After a reconnect to another instance the action is rebuilt from the recorded arguments.
+async function rebuildAction(invocation: Item, deps: Deps, ctx: ToolContext) {
+  const tool = deps.tools.get(invocation.name ?? "")!;
+  const args = tool.schema.safeParse(parseObject(invocation.arguments ?? "{}"));
+  if (!args.success) return undefined;
+  const result = await withTimeout(invoke(tool, args.data, ctx), deps.config.toolTimeoutMs, "rebuild").catch(() =>
+    undefined
+  );
+  return result?.action;
+}
+
+const ACKNOWLEDGEMENTS = new Set(
+  "ok okay k thanks thank you bye goodbye right all yes yeah yep sure great alright cool perfect cheers uh um mm hmm oh unintelligible audio"
+    .split(" "),
+);
+
 const normalize = (s: string) => s.toLowerCase().replace(/[^\p{L}\p{N}]+/gu, " ").trim();
-const countWords = (s: string) => normalize(s).split(" ").filter(Boolean).length;
 
 // Ends the loop as soon as `signal` aborts, even if the source never yields again or
 // throws before its first event.
@@ -1163,7 +1225,8 @@ export function createApp(options: AppOptions = {}) {
     specs: toolSpecs(tools),
     persona: options.persona ?? PERSONA,
     greeted: new Set(),
-    once: new OnceStore(),
+    once: new OnceStore(3 * config.toolTimeoutMs),
+    actions: new Map(),
     live: new Set(),
   };
   logFrom = LOG_LEVELS.indexOf(config.logLevel);

@@ -1523,6 +1523,63 @@ describe("tools: once per call", () => {
     });
   });
 
+  test("a side effect that honours the abort signal is not stopped, and not repeated, by a newer request", async () => {
+    const writes: number[] = [];
+    const careful: Tool = {
+      name: "save",
+      description: "save",
+      schema: z.object({}),
+      once: true,
+      run: async (_args: unknown, { signal }: { signal: AbortSignal }) => {
+        writes.push(Date.now());
+        await sleep(300);
+        if (signal.aborted) throw new Error("aborted");
+        return { saved: writes.length };
+      },
+    };
+    const lastResult = (req: BrainRequest) => (req.messages.at(-1) as { content: string }).content;
+    const brain = scripted((req) =>
+      req.messages.at(-1)!.role === "tool_result" ? say(lastResult(req)) : callTool("save", {})
+    );
+    await withServer({ brain, tools: [careful] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("save it")]);
+      await sleep(100);
+      retell.ask(2, [user("save it please")]);
+      assert.equal((await retell.reply(2)).text, '{"saved":1}');
+      assert.equal(writes.length, 1);
+      retell.close();
+    });
+  });
+
+  test("a side effect that times out is reported as unknown, not as failed", async () => {
+    const hanging: Tool = { name: "charge", description: "", schema: z.object({}), once: true, run: () => sleep(1000) };
+    const brain = scripted((req) =>
+      req.messages.at(-1)!.role === "tool_result"
+        ? say((req.messages.at(-1) as { content: string }).content)
+        : callTool("charge", {})
+    );
+    await withServer(
+      { brain, tools: [hanging], config: testConfig({ toolTimeoutMs: 100, fillerAfterMs: 5000 }) },
+      async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("charge me")]);
+        assert.match((await retell.reply(1)).text, /may or may not have happened/);
+        retell.close();
+      },
+    );
+  });
+
+  test("the diary refuses weekends, past days and impossible dates with a reason", async () => {
+    const check = TOOLS.find((t) => t.name === "check_availability")!;
+    const ctx = {} as never;
+    assert.match((await check.run({ date: "2031-03-08" }, ctx) as { closed: string }).closed, /weekends/);
+    assert.match((await check.run({ date: "2020-01-06" }, ctx) as { closed: string }).closed, /past/);
+    assert.match((await check.run({ date: "2031-02-31" }, ctx) as { closed: string }).closed, /not a real date/);
+  });
+
   test("different arguments, or another call, do run again", async () => {
     const { tool, runs } = countingTool();
     let qty = 1;
@@ -1640,11 +1697,11 @@ describe("talking while waiting", () => {
       await retell.opened();
       retell.ask(1, [user("look it up")]);
       const { text, frames } = await retell.reply(1);
-      assert.equal(text, "One moment.Here it is.");
+      assert.equal(text, "One moment. Here it is.");
       assert.deepEqual(frames[0], {
         response_type: "response",
         response_id: 1,
-        content: "One moment.",
+        content: "One moment. ",
         content_complete: false,
       });
       assert.equal(frames.filter((f) => f.content_complete).length, 1);
@@ -1662,7 +1719,28 @@ describe("talking while waiting", () => {
       const retell = await Retell.connect(port);
       await retell.opened();
       retell.ask(1, [user("look it up")]);
-      assert.equal((await retell.reply(1)).text, "One moment.Found it.");
+      assert.equal((await retell.reply(1)).text, "One moment. Found it.");
+      retell.close();
+    });
+  });
+
+  test("the wait is counted from the request, across model and tool steps", async () => {
+    const quickTool: Tool = {
+      name: "lookup",
+      description: "",
+      schema: z.object({}),
+      run: () => sleep(70).then(() => "x"),
+    };
+    const brain = scripted(async function* (req) {
+      await sleep(70);
+      if (req.messages.at(-1)!.role === "tool_result") return yield* say("Found it.");
+      yield* callTool("lookup", {});
+    });
+    await withServer({ brain, tools: [quickTool], persona, config: fillerConfig() }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("look it up")]);
+      assert.equal((await retell.reply(1)).text, "One moment. Found it.");
       retell.close();
     });
   });
@@ -1730,6 +1808,46 @@ describe("actions that survive a barge-in", () => {
       const { frames } = await retell.reply(2);
       assert.equal(frames.length, 1);
       assert.equal(frames[0].transfer_number, "+14155550100");
+      retell.close();
+    });
+  });
+
+  test("a caller who says 'no, wait' over the goodbye is answered, not hung up on", async () => {
+    const brain = scripted((_r, _s, n) => n === 1 ? callTool("end_call", { message: goodbye }, "e1") : say("Yes?"));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("bye")]);
+      await retell.reply(1);
+      const interrupted = [agent("Thanks for calling Sunrise Dental, goodbye"), user("no wait")];
+      retell.ask(2, [], { transcript_with_tool_calls: [user("bye"), ...woven(retell.frames), ...interrupted] });
+      const { text, frames } = await retell.reply(2);
+      assert.equal(text, "Yes?");
+      assert.ok(frames.every((f) => f.end_call === undefined));
+      retell.close();
+    });
+  });
+
+  test("an action asked for beside another tool waits until the model has heard the other result", async () => {
+    const brain = scripted(async function* (req, _s, n) {
+      if (n === 1) {
+        yield* callTool("check_availability", { date: "2031-03-05" }, "a1");
+        yield* callTool("end_call", { message: "Bye!" }, "a2");
+      } else if (n === 2) {
+        const results = req.messages.filter((m) => m.role === "tool_result") as { content: string }[];
+        assert.match(results[0].content, /open_times/);
+        assert.match(results[1].content, /not done yet/);
+        yield* say("Wednesday has four times. ");
+        yield* callTool("end_call", { message: "Bye!" }, "a3");
+      }
+    });
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("what's free Wednesday? then bye")]);
+      const { text, frames } = await retell.reply(1);
+      assert.equal(text, "Wednesday has four times. Bye!");
+      assert.equal(frames.at(-1)!.end_call, true);
       retell.close();
     });
   });
