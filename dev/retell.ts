@@ -23,6 +23,8 @@ export interface CallOptions {
   onText?: (text: string, responseId: number) => void;
   /** Called when the agent invokes a tool or a tool returns. */
   onTool?: (frame: Record<string, unknown>) => void;
+  /** Called when the server closes the socket during the call (not after close()). */
+  onClose?: (code: number) => void;
 }
 
 interface Pending {
@@ -42,7 +44,6 @@ export class RetellCall {
   private pending?: Pending;
   private openAgentItems: Item[] = [];
   private pinger?: ReturnType<typeof setInterval>;
-  private greeted!: Promise<string>;
   private closed = false;
 
   private constructor(private readonly ws: WebSocket, private readonly options: CallOptions) {}
@@ -55,30 +56,38 @@ export class RetellCall {
     const ws = new WebSocket(url);
     const call = new RetellCall(ws, options);
     let greet!: (text: string) => void;
-    call.greeted = new Promise((resolve) => greet = resolve);
-    ws.onmessage = (e) => call.receive(JSON.parse(String(e.data)), greet, callId);
-    ws.onclose = () => call.shutdown();
-    await new Promise<void>((resolve, reject) => {
-      ws.onopen = () => resolve();
-      ws.onerror = () => reject(new Error(`could not connect to ${url}`));
+    // Fails fast on a refused connection or an early close, and after 5 s without a greeting.
+    const greeted = new Promise<string>((resolve, reject) => {
+      let timer: ReturnType<typeof setTimeout>;
+      greet = (text) => (clearTimeout(timer), resolve(text));
+      ws.onopen = () => timer = setTimeout(() => reject(new Error("no greeting (response_id 0) within 5 s")), 5000);
+      ws.onerror = (e) => reject(new Error((e as ErrorEvent).message || `could not connect to ${url}`));
+      ws.onclose = (e) => (clearTimeout(timer), reject(new Error(`the server closed the socket (code ${e.code})`)));
     });
-    const timeout = new Promise<never>((_, reject) =>
-      setTimeout(() => reject(new Error("no greeting (response_id 0) within 5 s")), 5000)
-    );
-    await Promise.race([call.greeted, timeout]);
+    ws.onmessage = (e) => call.receive(JSON.parse(String(e.data)), greet, callId);
+    try {
+      await greeted;
+    } catch (err) {
+      call.close();
+      throw err;
+    }
+    ws.onclose = (e) => {
+      if (!call.closed) options.onClose?.(e.code);
+      call.shutdown();
+    };
     return call;
   }
 
   /** The caller says something; resolves with the agent's complete reply. */
   say(text: string): Promise<Reply> {
-    this.interruptIfSpeaking();
+    this.interrupt();
     this.addUtterance("user", text);
     return this.request("response_required");
   }
 
   /** The caller stays silent long enough for Retell to ask for a reminder. */
   silence(): Promise<Reply> {
-    this.interruptIfSpeaking();
+    this.interrupt();
     return this.request("reminder_required");
   }
 
@@ -95,9 +104,7 @@ export class RetellCall {
   private shutdown() {
     this.closed = true;
     clearInterval(this.pinger);
-    const pending = this.pending;
-    this.pending = undefined;
-    pending?.resolve({ ...pending.reply, interrupted: true, totalMs: performance.now() - pending.started });
+    this.interrupt();
   }
 
   private request(type: "response_required" | "reminder_required"): Promise<Reply> {
@@ -115,13 +122,17 @@ export class RetellCall {
     return done;
   }
 
-  // A new request while the agent talks is a barge-in: what was said so far stays said.
-  private interruptIfSpeaking() {
+  /** The caller talks over the agent: what it said so far stays said, the rest of this reply
+   * is dropped (as Retell drops it), and the reply resolves as interrupted. A new request while
+   * the agent talks does this too. Returns the cut reply, or undefined if the agent was quiet. */
+  interrupt(): Reply | undefined {
     const pending = this.pending;
     if (!pending) return;
     this.pending = undefined;
     this.openAgentItems = [];
-    pending.resolve({ ...pending.reply, interrupted: true, totalMs: performance.now() - pending.started });
+    const reply = { ...pending.reply, interrupted: true, totalMs: performance.now() - pending.started };
+    pending.resolve(reply);
+    return reply;
   }
 
   private send(frame: unknown) {
