@@ -202,6 +202,9 @@ export interface Config {
   firstTokenTimeoutMs: number;
   toolTimeoutMs: number;
   fillerAfterMs: number;
+  stateUrl?: string;
+  drainTimeoutMs: number;
+  metricsToken?: string;
   logLevel: LogLevel;
 }
 
@@ -217,6 +220,10 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   const transferNumber = get("TRANSFER_NUMBER");
   if (transferNumber && !/^\+[1-9]\d{6,14}$/.test(transferNumber)) {
     throw new ConfigError(`TRANSFER_NUMBER must be an E.164 phone number like +14155550123 (got "${transferNumber}").`);
+  }
+  const stateUrl = get("STATE_URL");
+  if (stateUrl && !/^(rediss?:\/\/|denokv:|\.{0,2}\/)/.test(stateUrl)) {
+    throw new ConfigError(`STATE_URL must be redis://…, rediss://…, denokv: or a file path (got "${stateUrl}").`);
   }
   const logLevel = (get("LOG_LEVEL") ?? "info") as LogLevel;
   if (!LOG_LEVELS.includes(logLevel)) {
@@ -236,6 +243,9 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     firstTokenTimeoutMs: readNumber(env, "FIRST_TOKEN_TIMEOUT_MS", 4000, 1, 120_000),
     toolTimeoutMs: readNumber(env, "TOOL_TIMEOUT_MS", 8000, 1, 600_000),
     fillerAfterMs: readNumber(env, "FILLER_AFTER_MS", 1500, 1, 600_000),
+    stateUrl,
+    drainTimeoutMs: readNumber(env, "DRAIN_TIMEOUT_MS", 60_000, 0, 86_400_000),
+    metricsToken: get("METRICS_TOKEN"),
     logLevel,
   };
 }
@@ -670,6 +680,7 @@ type Outcome = "completed" | "superseded" | "error" | "timeout";
 
 export interface AppOptions {
   config?: Config;
+  store?: StateStore;
   brain?: Brain;
   fallback?: Brain;
   tools?: Tool[];
@@ -688,6 +699,9 @@ interface Deps {
   /** Actions sent, by tool call id, so one the caller talked over can be sent again. */
   actions: Map<string, CallAction>;
   live: Set<Call>;
+  metrics: Metrics;
+  /** Set on SIGTERM: no new calls, the live ones go on until they end. */
+  draining: boolean;
 }
 
 /** What a tool call came to: the text the model reads, and the action it asks for. */
@@ -697,29 +711,88 @@ interface ToolResult {
   action?: CallAction;
 }
 
-/** Remembers what side-effect tools returned, per call and arguments, so a repeat gets the
- * first result (or waits for it) instead of acting twice. A run that failed, or that never
- * settled long after its timeout, may be tried again. */
-class OnceStore {
-  private readonly results = new Map<string, { result: Promise<ToolResult>; at: number; settled: boolean }>();
+/** Where side-effect records live, chosen by STATE_URL: this process (the default), Redis
+ * or Deno KV (fleet.ts). Instances sharing a store never run the same side effect twice. */
+export interface StateStore {
+  get(key: string): Promise<string | undefined>;
+  /** Sets `key` only if it is not set yet; true if this call set it. */
+  setIfAbsent(key: string, value: string, ttlMs: number): Promise<boolean>;
+  delete(key: string): Promise<void>;
+}
 
-  constructor(private readonly staleMs: number) {}
+/** The default store: a map in this process, with expiry. */
+export class MemoryStore implements StateStore {
+  private readonly entries = new Map<string, { value: string; expires: number }>();
 
-  run(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
-    this.forgetOld();
-    const known = this.results.get(key);
-    if (known && (known.settled || Date.now() - known.at < this.staleMs)) return known.result;
-    const entry = { result: act(), at: Date.now(), settled: false };
-    this.results.set(key, entry);
-    const forget = () => this.results.get(key) === entry && this.results.delete(key);
-    entry.result.then((r) => r.ok ? entry.settled = true : forget(), forget);
-    return entry.result;
+  get(key: string) {
+    const entry = this.entries.get(key);
+    if (entry && entry.expires < Date.now()) this.entries.delete(key);
+    return Promise.resolve(entry && entry.expires >= Date.now() ? entry.value : undefined);
   }
 
-  private forgetOld() {
-    for (const [key, { at }] of this.results) {
-      if (this.results.size <= 10_000 && Date.now() - at < ONCE_TTL_MS) break;
-      this.results.delete(key);
+  async setIfAbsent(key: string, value: string, ttlMs: number) {
+    if (await this.get(key) !== undefined) return false;
+    this.entries.set(key, { value, expires: Date.now() + ttlMs });
+    if (this.entries.size > 10_000) this.entries.delete(this.entries.keys().next().value!);
+    return true;
+  }
+
+  delete(key: string) {
+    this.entries.delete(key);
+    return Promise.resolve();
+  }
+}
+
+/** A state store that could not be reached: side-effect tools then refuse to act. */
+export class StoreDown extends Error {}
+
+/** Runs a side-effect tool at most once per call and arguments. A repeat in this process
+ * shares the running promise; another instance finds the claim in the shared store and waits
+ * for its result. A run that failed releases its claim, so it may be tried again. */
+class OnceStore {
+  private readonly running = new Map<string, Promise<ToolResult>>();
+
+  constructor(private readonly store: StateStore, private readonly claimMs: number) {}
+
+  run(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
+    const known = this.running.get(key);
+    if (known) return known;
+    const result = this.claimOrWait(key, act);
+    this.running.set(key, result);
+    result.then(() => this.running.delete(key), () => this.running.delete(key));
+    return result;
+  }
+
+  private async claimOrWait(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
+    const giveUp = Date.now() + this.claimMs;
+    while (Date.now() < giveUp) {
+      const done = await this.safely(() => this.store.get(`${key}:result`));
+      if (done) return JSON.parse(done);
+      if (await this.safely(() => this.store.setIfAbsent(`${key}:claim`, "running", this.claimMs))) {
+        return await this.act(key, act);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50)); // another instance is running it
+    }
+    throw new TimeoutError("it is still running elsewhere");
+  }
+
+  private async act(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
+    let result: ToolResult | undefined;
+    try {
+      result = await act();
+      return result;
+    } finally {
+      const kept = result?.ok && await this.store.setIfAbsent(`${key}:result`, JSON.stringify(result), ONCE_TTL_MS)
+        .catch(() => false);
+      if (!kept) await this.store.delete(`${key}:claim`).catch(() => {});
+    }
+  }
+
+  private async safely<T>(op: () => Promise<T>): Promise<T> {
+    try {
+      return await op();
+    } catch (err) {
+      throw new StoreDown(`the state store is unreachable (${errorText(err)})`);
     }
   }
 }
@@ -928,6 +1001,11 @@ class Turn {
   }
 
   private logTurn(outcome: Outcome) {
+    const { metrics } = this.call.deps;
+    const seconds = (performance.now() - this.started) / 1000;
+    metrics.count("retell_turns_total", { outcome });
+    metrics.observe("retell_turn_seconds", seconds);
+    if (this.stats.ttft !== undefined) metrics.observe("retell_first_token_seconds", this.stats.ttft / 1000);
     log("info", "turn", {
       call_id: this.call.id,
       response_id: this.id,
@@ -992,13 +1070,15 @@ class Turn {
 
   // One model reply; if the provider fails before saying anything and a fallback provider is
   // set, the same request goes to the fallback, which then answers the rest of the turn.
-  private async streamRound(request: BrainRequest) {
-    const { fallback } = this.call.deps;
+  private async streamRound(request: BrainRequest): Promise<{ text: string; calls: ToolCall[] }> {
+    const { fallback, metrics } = this.call.deps;
     const said = this.stats.chars;
     try {
       return await this.streamModel(this.brain, request);
     } catch (err) {
-      if (this.signal.aborted || !fallback || this.brain === fallback || this.stats.chars > said) throw err;
+      if (this.signal.aborted) throw err;
+      metrics.count("retell_provider_errors_total", { provider: this.brain.provider });
+      if (!fallback || this.brain === fallback || this.stats.chars > said) throw err;
       log("warn", "provider_fallback", {
         call_id: this.call.id,
         response_id: this.id,
@@ -1007,7 +1087,7 @@ class Turn {
         error: errorText(err),
       });
       this.brain = fallback;
-      return await this.streamModel(fallback, request);
+      return await this.streamRound(request);
     }
   }
 
@@ -1086,6 +1166,8 @@ class Turn {
       if (err instanceof TimeoutError) stop.abort(err);
       const unknown = err instanceof TimeoutError && tool?.once
         ? ", so it may or may not have happened: do not promise it"
+        : err instanceof StoreDown
+        ? ". It cannot be done right now: tell the caller, and offer to take a message"
         : "";
       log("warn", "tool_failed", {
         call_id: this.call.id,
@@ -1102,6 +1184,10 @@ class Turn {
       tool_call_id: call.id,
       content: result.content,
       successful: result.ok,
+    });
+    this.call.deps.metrics.count("retell_tool_calls_total", {
+      tool: tool ? call.name : "unknown",
+      ok: String(result.ok),
     });
     return result;
   }
@@ -1213,6 +1299,42 @@ export function log(level: LogLevel, event: string, fields: Record<string, unkno
   console.log(JSON.stringify({ time: new Date().toISOString(), level, event, ...fields }));
 }
 
+/** Prometheus counters and histograms, served as text at /metrics. */
+class Metrics {
+  private readonly counters = new Map<string, number>();
+  private readonly histograms = new Map<string, { buckets: number[]; sum: number; count: number }>();
+
+  count(name: string, labels: Record<string, string>) {
+    const key = `${name}{${Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, "_")}"`).join(",")}}`;
+    this.counters.set(key, (this.counters.get(key) ?? 0) + 1);
+  }
+
+  observe(name: string, seconds: number) {
+    const h = this.histograms.get(name) ?? { buckets: BUCKETS.map(() => 0), sum: 0, count: 0 };
+    BUCKETS.forEach((le, i) => seconds <= le && h.buckets[i]++);
+    h.sum += seconds;
+    h.count++;
+    this.histograms.set(name, h);
+  }
+
+  render(liveCalls: number): string {
+    const lines = ["# TYPE retell_live_calls gauge", `retell_live_calls ${liveCalls}`];
+    const families = new Set([...this.counters.keys()].map((k) => k.slice(0, k.indexOf("{"))));
+    for (const family of families) {
+      lines.push(`# TYPE ${family} counter`);
+      for (const [key, value] of this.counters) if (key.startsWith(`${family}{`)) lines.push(`${key} ${value}`);
+    }
+    for (const [name, h] of this.histograms) {
+      lines.push(`# TYPE ${name} histogram`);
+      BUCKETS.forEach((le, i) => lines.push(`${name}_bucket{le="${le}"} ${h.buckets[i]}`));
+      lines.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
+    }
+    return lines.join("\n") + "\n";
+  }
+}
+
+const BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16];
+
 // 8. HTTP routes --------------------------------------------------------------------------
 export function createApp(options: AppOptions = {}) {
   const config = options.config ?? loadConfig(process.env);
@@ -1225,9 +1347,11 @@ export function createApp(options: AppOptions = {}) {
     specs: toolSpecs(tools),
     persona: options.persona ?? PERSONA,
     greeted: new Set(),
-    once: new OnceStore(3 * config.toolTimeoutMs),
+    once: new OnceStore(options.store ?? new MemoryStore(), 3 * config.toolTimeoutMs),
     actions: new Map(),
     live: new Set(),
+    metrics: new Metrics(),
+    draining: false,
   };
   logFrom = LOG_LEVELS.indexOf(config.logLevel);
   try {
@@ -1238,10 +1362,20 @@ export function createApp(options: AppOptions = {}) {
     );
   }
   const app = new Hono();
-  app.get(
-    "/health",
-    (c) => c.json({ status: "ok", provider: deps.brain.provider, model: deps.brain.model, live_calls: deps.live.size }),
-  );
+  app.get("/health", (c) => {
+    const { provider, model } = deps.brain;
+    const status = deps.draining ? "draining" : "ok";
+    return c.json(
+      { status, provider, model, live_calls: deps.live.size, draining: deps.draining },
+      deps.draining ? 503 : 200,
+    );
+  });
+  app.get("/metrics", (c) => {
+    const token = config.metricsToken;
+    const given = c.req.header("authorization")?.replace(/^Bearer /i, "") ?? c.req.query("token") ?? "";
+    if (token && !sameSecret(given, token)) return c.text("unauthorized", 401);
+    return c.text(deps.metrics.render(deps.live.size), 200, { "content-type": "text/plain; version=0.0.4" });
+  });
   app.get("/llm-websocket/:call_id?", (c) => {
     const { callId, token } = callAndToken(c);
     if (!callId) return c.text("the URL needs the call id: /llm-websocket/<call_id>", 404);
@@ -1249,6 +1383,7 @@ export function createApp(options: AppOptions = {}) {
       log("warn", "auth_refused", { call_id: callId, token_given: token !== undefined });
       return c.text("unauthorized", 401);
     }
+    if (deps.draining) return c.text("draining: connect to another instance", 503);
     const response = upgrade(c, (peer) => new Call(callId, peer, deps));
     return response ?? c.text("expected a WebSocket upgrade", 426);
   });
@@ -1364,11 +1499,50 @@ try {
   console.error(`Config error: ${err.message}`);
   process.exit(1);
 }
-const main = createApp({ config });
+// A shared state store (STATE_URL) is only loaded when configured: fleet.ts and its client.
+const store = import.meta.main && config.stateUrl ? await openStore(config.stateUrl) : undefined;
+const main = createApp({ config, store });
+
+async function openStore(url: string) {
+  try {
+    return await (await import("./fleet.ts")).openStore(url, log);
+  } catch (err) {
+    console.error(`Cannot open STATE_URL: ${errorText(err)}`);
+    process.exit(1);
+  }
+}
+
+// On SIGTERM or SIGINT: /health turns 503, new calls are refused, live calls go on (new turns
+// included) until they end or DRAIN_TIMEOUT_MS passes. Then the process exits without close
+// frames: Retell takes a dropped socket as a fault and reconnects to another instance, where
+// a close with 1000 would hang the call up. A second signal exits at once.
+function drainOnSignal(deps: Deps) {
+  const drain = async (signal: string) => {
+    if (deps.draining) process.exit(1);
+    deps.draining = true;
+    const since = Date.now();
+    log("info", "drain_start", { signal, live_calls: deps.live.size, timeout_ms: config.drainTimeoutMs });
+    let logged = started;
+    while (deps.live.size > 0 && Date.now() - since < config.drainTimeoutMs) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      if (Date.now() - logged >= 5000) log("info", "draining", { live_calls: deps.live.size }), logged = Date.now();
+    }
+    log("info", "drain_done", { live_calls: deps.live.size, waited_ms: Date.now() - since });
+    process.exit(0);
+  };
+  for (const signal of ["SIGTERM", "SIGINT"] as const) process.on(signal, () => void drain(signal));
+}
 
 function started(port: number) {
   const { provider, model } = main.deps.brain;
-  log("info", "listening", { port, provider, model, auth: Boolean(config.authToken) });
+  drainOnSignal(main.deps);
+  log("info", "listening", {
+    port,
+    provider,
+    model,
+    auth: Boolean(config.authToken),
+    state: store ? "shared" : "memory",
+  });
   if (provider === "demo") {
     log("warn", "demo_brain", {
       hint: "No OPENAI_API_KEY or ANTHROPIC_API_KEY: answering with the offline demo brain.",
