@@ -47,20 +47,33 @@ async function openRedis(url: string, log: Log): Promise<StateStore> {
 }
 
 // Deno KV expires keys lazily, so each value carries its own expiry and a stale one is
-// replaced in the same atomic check.
+// replaced in the same atomic check. A local KV file shared by several processes can be
+// briefly locked by another writer: such an operation is tried again a few times.
 async function openKv(path: string | undefined, log: Log): Promise<StateStore> {
   const kv = await Deno.openKv(path);
   log("info", "state_store", { store: "denokv", path: path ?? "default" });
   type Entry = { value: string; expires: number };
   const live = (entry: Entry | null) => entry && entry.expires > Date.now() ? entry.value : undefined;
   return {
-    get: async (key) => live((await kv.get<Entry>([PREFIX, key])).value) ?? undefined,
-    async setIfAbsent(key, value, ttlMs) {
-      const current = await kv.get<Entry>([PREFIX, key]);
-      if (live(current.value)) return false;
-      const entry = { value, expires: Date.now() + ttlMs };
-      return (await kv.atomic().check(current).set([PREFIX, key], entry, { expireIn: ttlMs }).commit()).ok;
-    },
-    delete: (key) => kv.delete([PREFIX, key]),
+    get: (key) => whileLocked(async () => live((await kv.get<Entry>([PREFIX, key])).value) ?? undefined),
+    setIfAbsent: (key, value, ttlMs) =>
+      whileLocked(async () => {
+        const current = await kv.get<Entry>([PREFIX, key]);
+        if (live(current.value)) return false;
+        const entry = { value, expires: Date.now() + ttlMs };
+        return (await kv.atomic().check(current).set([PREFIX, key], entry, { expireIn: ttlMs }).commit()).ok;
+      }),
+    delete: (key) => whileLocked(() => kv.delete([PREFIX, key])),
   };
+}
+
+async function whileLocked<T>(op: () => Promise<T>): Promise<T> {
+  for (let attempt = 1;; attempt++) {
+    try {
+      return await op();
+    } catch (err) {
+      if (attempt >= 10 || !/locked|busy/i.test(String(err))) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 10 * attempt));
+    }
+  }
 }

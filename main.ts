@@ -1522,10 +1522,9 @@ function drainOnSignal(deps: Deps) {
     deps.draining = true;
     const since = Date.now();
     log("info", "drain_start", { signal, live_calls: deps.live.size, timeout_ms: config.drainTimeoutMs });
-    let logged = started;
-    while (deps.live.size > 0 && Date.now() - since < config.drainTimeoutMs) {
+    for (let tick = 1; deps.live.size > 0 && Date.now() - since < config.drainTimeoutMs; tick++) {
       await new Promise((resolve) => setTimeout(resolve, 100));
-      if (Date.now() - logged >= 5000) log("info", "draining", { live_calls: deps.live.size }), logged = Date.now();
+      if (tick % 50 === 0) log("info", "draining", { live_calls: deps.live.size });
     }
     log("info", "drain_done", { live_calls: deps.live.size, waited_ms: Date.now() - since });
     process.exit(0);

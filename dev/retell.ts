@@ -91,6 +91,19 @@ export class RetellCall {
     return this.request("reminder_required");
   }
 
+  /** Retell asks again for the same transcript, as it does after a reconnect. */
+  askAgain(): Promise<Reply> {
+    this.interrupt();
+    return this.request("response_required");
+  }
+
+  /** Carries a call's transcript over, as Retell does when it reconnects to another server. */
+  resume(from: RetellCall) {
+    this.transcript.push(...from.transcript);
+    this.woven.push(...from.woven);
+    return this;
+  }
+
   /** True while the agent is still streaming a reply. */
   get speaking() {
     return this.pending !== undefined;
