@@ -279,17 +279,10 @@ function readNumber(env: Record<string, string | undefined>, name: string, fallb
 }
 
 // 4. The Retell protocol (see README for links) --------------------------------------------
-// What Retell sends. Transcript items are checked one by one, so one bad item is dropped
-// instead of costing the whole turn.
-const TranscriptItem = z.object({
-  role: z.string(),
-  content: z.string().optional(),
-  tool_call_id: z.string().optional(),
-  name: z.string().optional(),
-  arguments: z.string().optional(),
-}).nullable().catch(null);
-
-const Transcript = z.array(TranscriptItem).optional().catch(undefined);
+// What Retell sends. Every frame's envelope is checked with zod; the transcript, which grows
+// all call long and comes with every request, is checked item by item when a turn reads it
+// (see readItem), so one bad item is dropped instead of costing the whole turn.
+const Transcript = z.array(z.unknown()).optional().catch(undefined);
 
 const Inbound = z.discriminatedUnion("interaction_type", [
   // A ping is always answered, even a malformed one: a missed pong costs the call.
@@ -311,7 +304,16 @@ const Inbound = z.discriminatedUnion("interaction_type", [
 ]);
 type Inbound = z.infer<typeof Inbound>;
 type TurnRequest = Extract<Inbound, { response_id: number }>;
-type Item = NonNullable<z.infer<typeof TranscriptItem>>;
+type Item = { role: string; content?: string; tool_call_id?: string; name?: string; arguments?: string };
+
+// A transcript item, with every field of the wrong type dropped; null if it has no role.
+function readItem(raw: unknown): Item | null {
+  if (!raw || typeof raw !== "object") return null;
+  const { role, content, tool_call_id, name, arguments: args } = raw as Record<string, unknown>;
+  if (typeof role !== "string") return null;
+  const text = (v: unknown) => typeof v === "string" ? v : undefined;
+  return { role, content: text(content), tool_call_id: text(tool_call_id), name: text(name), arguments: text(args) };
+}
 
 // What we send to Retell.
 type Flags = CallAction["flags"] & { no_interruption_allowed?: boolean };
@@ -391,14 +393,17 @@ function openaiBrain(config: Config): Brain {
     provider: "openai",
     model: config.model,
     async *stream({ system, messages, tools }, signal) {
-      const stream = await client.chat.completions.create({
+      const response = await client.chat.completions.create({
         model: config.model,
         stream: true,
         messages: toOpenAIMessages(system, messages),
         tools: tools.length ? tools.map((t) => ({ type: "function" as const, function: t })) : undefined,
-      }, { signal });
+      }, { signal }).asResponse();
       const calls: { id: string; name: string; args: string }[] = [];
-      for await (const chunk of stream) {
+      for await (const { data } of serverSentEvents(response)) {
+        if (data === "[DONE]") break;
+        const chunk = JSON.parse(data) as OpenAI.ChatCompletionChunk & { error?: { message?: string } };
+        if (chunk.error) throw new Error(`openai: ${chunk.error.message ?? JSON.stringify(chunk.error)}`);
         const delta = chunk.choices?.[0]?.delta;
         yield delta?.content ? { type: "text", text: delta.content } : WORKING;
         for (const part of delta?.tool_calls ?? []) {
@@ -436,7 +441,7 @@ function anthropicBrain(config: Config): Brain {
     provider: "anthropic",
     model: config.model,
     async *stream({ system, messages, tools }, signal) {
-      const stream = await client.messages.create({
+      const response = await client.messages.create({
         model: config.model,
         max_tokens: 1024,
         stream: true,
@@ -449,9 +454,12 @@ function anthropicBrain(config: Config): Brain {
             input_schema: t.parameters as Anthropic.Tool.InputSchema,
           }))
           : undefined,
-      }, { signal });
+      }, { signal }).asResponse();
       const calls = new Map<number, { id: string; name: string; args: string; input: unknown }>();
-      for await (const event of stream) {
+      for await (const message of serverSentEvents(response)) {
+        if (message.event === "ping") continue;
+        const event = JSON.parse(message.data) as Anthropic.RawMessageStreamEvent | { type: "error"; error: unknown };
+        if (event.type === "error") throw new Error(`anthropic: ${JSON.stringify(event.error)}`);
         if (event.type === "content_block_delta" && event.delta.type === "text_delta") {
           yield { type: "text", text: event.delta.text };
           continue;
@@ -470,6 +478,41 @@ function anthropicBrain(config: Config): Brain {
       }
     },
   };
+}
+
+// The SDKs make the request (auth, retries, HTTP errors); the stream is read here, with one
+// small parser for both providers' server-sent events, which costs far less per chunk.
+async function* serverSentEvents(response: Response): AsyncGenerator<{ event?: string; data: string }> {
+  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    while (true) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.includes("\r") ? value.replace(/\r\n?/g, "\n") : value;
+      for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
+        const message = parseEvent(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        if (message) yield message;
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+function parseEvent(block: string): { event?: string; data: string } | undefined {
+  let event: string | undefined;
+  let data: string | undefined;
+  for (const line of block.split("\n")) {
+    const colon = line.indexOf(":");
+    if (colon <= 0) continue; // a comment, or a line without a field
+    const value = line.slice(line[colon + 1] === " " ? colon + 2 : colon + 1);
+    const field = line.slice(0, colon);
+    if (field === "data") data = data === undefined ? value : `${data}\n${value}`;
+    else if (field === "event") event = value;
+  }
+  return data === undefined ? undefined : { event, data };
 }
 
 // Claude wants alternating roles starting with the user, tool results first in their turn.
@@ -820,7 +863,7 @@ class Call {
   private badFrames = 0;
   private readonly opened = performance.now();
 
-  constructor(readonly id: string, private readonly peer: Peer, readonly deps: Deps) {
+  constructor(readonly id: string, readonly peer: Peer, readonly deps: Deps) {
     this.vars = { call_id: id };
   }
 
@@ -916,7 +959,7 @@ class Call {
     this.turn?.abort("superseded");
     const turn = this.turn = new Turn(this, frame.response_id, frame.interaction_type === "reminder_required");
     const items = frame.transcript_with_tool_calls?.length ? frame.transcript_with_tool_calls : frame.transcript;
-    turn.run(items ?? []).catch((err) =>
+    turn.run((items ?? []).map(readItem)).catch((err) =>
       log("error", "turn_crashed", { call_id: this.id, response_id: turn.id, error: String(err) })
     );
   }
@@ -946,9 +989,11 @@ class Turn {
   private brain: Brain;
   private fillerTimer?: ReturnType<typeof setTimeout>;
   private stats = { ttft: undefined as number | undefined, chars: 0, tools: [] as string[] };
+  private readonly framePrefix: string;
 
   constructor(readonly call: Call, readonly id: number, readonly reminder: boolean) {
     this.brain = call.deps.brain;
+    this.framePrefix = `{"response_type":"response","response_id":${id},"content":`;
   }
 
   get signal() {
@@ -965,6 +1010,12 @@ class Turn {
 
   send(frame: Outbound) {
     if (this.live) this.call.send(frame);
+  }
+
+  // The hot path: one frame per streamed chunk, built without an object to serialise.
+  private sayChunk(content: string) {
+    if (this.live) this.call.peer.send(`${this.framePrefix}${JSON.stringify(content)},"content_complete":false}`);
+    this.spoke = true;
   }
 
   say(content: string, complete: boolean, flags: Flags = {}) {
@@ -1109,18 +1160,24 @@ class Turn {
     watch(limit);
     let text = "";
     const calls: ToolCall[] = [];
-    try {
-      for await (const event of abortable(() => brain.stream(request, model.signal), model.signal)) {
+    // The stream is read in its own loop, raced once against the abort: a provider that hangs
+    // (even one ignoring the signal) cannot hold the turn, and no chunk pays for a race.
+    const consume = async () => {
+      for await (const event of brain.stream(request, model.signal)) {
+        if (model.signal.aborted) break;
         last = performance.now();
-        if (event.type === "text" && event.text && !this.signal.aborted) {
+        if (event.type === "text" && event.text) {
           this.stats.ttft ??= last - this.started;
           this.stats.chars += event.text.length;
           text += event.text;
-          this.say(event.text, false);
+          this.sayChunk(event.text);
         } else if (event.type === "tool_call") {
           calls.push({ role: "tool_call", id: event.id, name: event.name, args: event.args });
         }
       }
+    };
+    try {
+      await Promise.race([consume(), aborted(model.signal)]);
     } finally {
       clearTimeout(timer!);
       this.signal.removeEventListener("abort", stop);
@@ -1257,24 +1314,14 @@ const ACKNOWLEDGEMENTS = new Set(
 
 const normalize = (s: string) => s.toLowerCase().replace(/[^\p{L}\p{N}]+/gu, " ").trim();
 
-// Ends the loop as soon as `signal` aborts, even if the source never yields again or
-// throws before its first event.
-async function* abortable<T>(open: () => AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
-  const aborted = new Promise<never>((_, reject) => {
+/** A promise that rejects when `signal` aborts (and never resolves). */
+function aborted(signal: AbortSignal): Promise<never> {
+  const promise = new Promise<never>((_, reject) => {
     if (signal.aborted) reject(signal.reason);
     signal.addEventListener("abort", () => reject(signal.reason), { once: true });
   });
-  aborted.catch(() => {});
-  const iterator = open()[Symbol.asyncIterator]();
-  try {
-    while (true) {
-      const next = await Promise.race([iterator.next(), aborted]);
-      if (next.done) return;
-      yield next.value;
-    }
-  } finally {
-    Promise.resolve().then(() => iterator.return?.()).catch(() => {});
-  }
+  promise.catch(() => {});
+  return promise;
 }
 
 function withTimeout<T>(promise: Promise<T>, ms: number, message: string): Promise<T> {
@@ -1283,8 +1330,15 @@ function withTimeout<T>(promise: Promise<T>, ms: number, message: string): Promi
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-const now = (timeZone: string) =>
-  new Date().toLocaleString("en-US", { timeZone, dateStyle: "full", timeStyle: "short" });
+// One formatter per time zone: building an Intl.DateTimeFormat costs more than a whole turn.
+const clocks = new Map<string, Intl.DateTimeFormat>();
+const now = (timeZone: string) => {
+  let clock = clocks.get(timeZone);
+  if (!clock) {
+    clocks.set(timeZone, clock = new Intl.DateTimeFormat("en-US", { timeZone, dateStyle: "full", timeStyle: "short" }));
+  }
+  return clock.format(new Date());
+};
 
 const newId = (prefix: string) => `${prefix}_${crypto.randomUUID().replaceAll("-", "")}`;
 

@@ -1192,6 +1192,32 @@ describe("OpenAI through the real SDK", () => {
     }
   });
 
+  test("reads CRLF-separated events, comments and data lines without a space, and speaks a mid-stream error", async () => {
+    const fake = await fakeProvider((res, _body, n) =>
+      n === 1
+        ? stream(res, [
+          ": keep-alive comment\r\n\r\n",
+          openaiChunk({ content: "One, " }).replace("data: ", "data:").replace("\n\n", "\r\n\r\n"),
+          openaiChunk({ content: "two." }),
+          "data: [DONE]\n\n",
+        ])
+        : stream(res, [openaiChunk({ content: "Half " }), 'data: {"error":{"message":"overloaded"}}\n\n'])
+    );
+    try {
+      await withServer({ config: openaiConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("count")]);
+        assert.equal((await retell.reply(1)).text, "One, two.");
+        retell.ask(2, [user("again")]);
+        assert.equal((await retell.reply(2)).text, `Half  ${PERSONA.apology}`);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
   test("a newer request cancels the older request's HTTP stream at once", async () => {
     const fake = await fakeProvider((res, _body, n) =>
       n === 1
