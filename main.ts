@@ -483,13 +483,15 @@ function anthropicBrain(config: Config): Brain {
 // The SDKs make the request (auth, retries, HTTP errors); the stream is read here, with one
 // small parser for both providers' server-sent events, which costs far less per chunk.
 async function* serverSentEvents(response: Response): AsyncGenerator<{ event?: string; data: string }> {
-  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  const reader = response.body!.getReader();
+  const decoder = new TextDecoder();
   let buffer = "";
   try {
     while (true) {
       const { value, done } = await reader.read();
       if (done) break;
-      buffer += value.includes("\r") ? value.replace(/\r\n?/g, "\n") : value;
+      const text = decoder.decode(value, { stream: true });
+      buffer += text.includes("\r") ? text.replace(/\r\n?/g, "\n") : text;
       for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
         const message = parseEvent(buffer.slice(0, end));
         buffer = buffer.slice(end + 2);
@@ -1330,14 +1332,18 @@ function withTimeout<T>(promise: Promise<T>, ms: number, message: string): Promi
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-// One formatter per time zone: building an Intl.DateTimeFormat costs more than a whole turn.
-const clocks = new Map<string, Intl.DateTimeFormat>();
+// The prompt's clock reads to the minute, so it is formatted once a minute per time zone:
+// Intl formatting costs more than the rest of a turn's prompt building.
+const clocks = new Map<string, { minute: number; text: string; format: Intl.DateTimeFormat }>();
 const now = (timeZone: string) => {
+  const minute = Math.floor(Date.now() / 60_000);
   let clock = clocks.get(timeZone);
   if (!clock) {
-    clocks.set(timeZone, clock = new Intl.DateTimeFormat("en-US", { timeZone, dateStyle: "full", timeStyle: "short" }));
+    const format = new Intl.DateTimeFormat("en-US", { timeZone, dateStyle: "full", timeStyle: "short" });
+    clocks.set(timeZone, clock = { minute: -1, text: "", format });
   }
-  return clock.format(new Date());
+  if (clock.minute !== minute) clock.text = clock.format.format(new Date()), clock.minute = minute;
+  return clock.text;
 };
 
 const newId = (prefix: string) => `${prefix}_${crypto.randomUUID().replaceAll("-", "")}`;
