@@ -37,8 +37,10 @@ async function openRedis(url: string, log: Log): Promise<StateStore> {
     if (down) log("info", "state_store_up", { store: "redis" });
     down = false;
   });
-  await client.connect().catch(() => {}); // down at start: the server still starts and retries
-  log("info", "state_store", { store: "redis", ready: client.isReady });
+  // Not awaited: while Redis is down at start, connect() keeps retrying and never settles, and
+  // the server must still start (side effects answer "not right now" until Redis is back).
+  client.connect().catch(() => {});
+  log("info", "state_store", { store: "redis" });
   return {
     get: async (key) => (await client.get(PREFIX + key)) ?? undefined,
     setIfAbsent: async (key, value, ttlMs) => (await client.set(PREFIX + key, value, { NX: true, PX: ttlMs })) === "OK",

@@ -180,6 +180,20 @@ describe("a fleet sharing one Redis", { skip: why }, () => {
   });
 });
 
+describe("a store that is down at start", { skip: why }, () => {
+  test("the server still starts, and a booking is refused out loud", { timeout: 15_000 }, async () => {
+    const instance = await Instance.start({ STATE_URL: `redis://127.0.0.1:${await freePort()}` });
+    try {
+      const call = await RetellCall.connect(instance.ws, { callId: "no_store" });
+      const reply = await call.say("Book 2031-03-14 at 09:00, my name is Sam.");
+      assert.match(reply.tools[0]?.result ?? "", /cannot be done right now/);
+      call.close();
+    } finally {
+      await instance.stop();
+    }
+  });
+});
+
 describe("metrics token", () => {
   test("/metrics needs the token when METRICS_TOKEN is set", async () => {
     const server = listen(0, { config: { ...loadConfig({ LLM_PROVIDER: "demo" }), metricsToken: "m3trics" } });

@@ -400,11 +400,16 @@ function openaiBrain(config: Config): Brain {
         tools: tools.length ? tools.map((t) => ({ type: "function" as const, function: t })) : undefined,
       }, { signal }).asResponse();
       const calls: { id: string; name: string; args: string }[] = [];
+      let finished = false;
       for await (const { data } of serverSentEvents(response)) {
-        if (data === "[DONE]") break;
+        if (data === "[DONE]") {
+          finished = true;
+          break;
+        }
         const chunk = JSON.parse(data) as OpenAI.ChatCompletionChunk & { error?: { message?: string } };
         if (chunk.error) throw new Error(`openai: ${chunk.error.message ?? JSON.stringify(chunk.error)}`);
         const delta = chunk.choices?.[0]?.delta;
+        finished ||= Boolean(chunk.choices?.[0]?.finish_reason);
         yield delta?.content ? { type: "text", text: delta.content } : WORKING;
         for (const part of delta?.tool_calls ?? []) {
           const call = calls[part.index ?? 0] ??= { id: "", name: "", args: "" };
@@ -413,6 +418,7 @@ function openaiBrain(config: Config): Brain {
           if (part.function?.arguments) call.args += part.function.arguments;
         }
       }
+      if (!finished && !signal.aborted) throw new Error("openai: the stream ended before the reply was finished");
       for (const call of calls.filter(Boolean)) {
         yield { type: "tool_call", id: call.id || newId("call"), name: call.name, args: call.args || "{}" };
       }
@@ -456,8 +462,10 @@ function anthropicBrain(config: Config): Brain {
           : undefined,
       }, { signal }).asResponse();
       const calls = new Map<number, { id: string; name: string; args: string; input: unknown }>();
+      let finished = false;
       for await (const message of serverSentEvents(response)) {
         if (message.event === "ping") continue;
+        if (message.event === "message_stop") finished = true;
         const event = JSON.parse(message.data) as Anthropic.RawMessageStreamEvent | { type: "error"; error: unknown };
         if (event.type === "error") throw new Error(`anthropic: ${JSON.stringify(event.error)}`);
         if (event.type === "content_block_delta" && event.delta.type === "text_delta") {
@@ -473,6 +481,7 @@ function anthropicBrain(config: Config): Brain {
         }
         yield WORKING;
       }
+      if (!finished && !signal.aborted) throw new Error("anthropic: the stream ended before the reply was finished");
       for (const { id, name, args, input } of calls.values()) {
         yield { type: "tool_call", id, name, args: args || JSON.stringify(input ?? {}) };
       }
@@ -490,8 +499,9 @@ async function* serverSentEvents(response: Response): AsyncGenerator<{ event?: s
     while (true) {
       const { value, done } = await reader.read();
       if (done) break;
-      const text = decoder.decode(value, { stream: true });
-      buffer += text.includes("\r") ? text.replace(/\r\n?/g, "\n") : text;
+      buffer += decoder.decode(value, { stream: true });
+      // CRLF line ends become LF; a CR at the very end may still be half of a CRLF.
+      if (buffer.includes("\r")) buffer = buffer.replace(/\r\n|\r(?!$)/g, "\n");
       for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
         const message = parseEvent(buffer.slice(0, end));
         buffer = buffer.slice(end + 2);
@@ -778,8 +788,15 @@ export class MemoryStore implements StateStore {
   async setIfAbsent(key: string, value: string, ttlMs: number) {
     if (await this.get(key) !== undefined) return false;
     this.entries.set(key, { value, expires: Date.now() + ttlMs });
-    if (this.entries.size > 10_000) this.entries.delete(this.entries.keys().next().value!);
+    if (this.entries.size > 10_000) this.forgetExpired();
     return true;
+  }
+
+  // Expired records go first; only a store far past any real load drops its oldest.
+  private forgetExpired() {
+    const now = Date.now();
+    for (const [key, { expires }] of this.entries) if (expires < now) this.entries.delete(key);
+    while (this.entries.size > 100_000) this.entries.delete(this.entries.keys().next().value!);
   }
 
   delete(key: string) {
@@ -793,23 +810,28 @@ export class StoreDown extends Error {}
 
 /** Runs a side-effect tool at most once per call and arguments. A repeat in this process
  * shares the running promise; another instance finds the claim in the shared store and waits
- * for its result. A run that failed releases its claim, so it may be tried again. */
+ * for its result, until its caller gives up. A run that failed releases its claim, so it may
+ * be tried again; a run that succeeded never does. */
 class OnceStore {
   private readonly running = new Map<string, Promise<ToolResult>>();
 
   constructor(private readonly store: StateStore, private readonly claimMs: number) {}
 
-  run(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
+  /** True while a side effect started here is still running (a drain waits for it). */
+  get busy() {
+    return this.running.size > 0;
+  }
+
+  run(key: string, act: () => Promise<ToolResult>, waitMs: number): Promise<ToolResult> {
     const known = this.running.get(key);
     if (known) return known;
-    const result = this.claimOrWait(key, act);
+    const result = this.claimOrWait(key, act, Date.now() + waitMs);
     this.running.set(key, result);
     result.then(() => this.running.delete(key), () => this.running.delete(key));
     return result;
   }
 
-  private async claimOrWait(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
-    const giveUp = Date.now() + this.claimMs;
+  private async claimOrWait(key: string, act: () => Promise<ToolResult>, giveUp: number): Promise<ToolResult> {
     while (Date.now() < giveUp) {
       const done = await this.safely(() => this.store.get(`${key}:result`));
       if (done) return JSON.parse(done);
@@ -822,15 +844,24 @@ class OnceStore {
   }
 
   private async act(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
-    let result: ToolResult | undefined;
+    let result: ToolResult;
     try {
       result = await act();
-      return result;
-    } finally {
-      const kept = result?.ok && await this.store.setIfAbsent(`${key}:result`, JSON.stringify(result), ONCE_TTL_MS)
-        .catch(() => false);
-      if (!kept) await this.store.delete(`${key}:claim`).catch(() => {});
+    } catch (err) {
+      await this.store.delete(`${key}:claim`).catch(() => {});
+      throw err;
     }
+    if (!result.ok) await this.store.delete(`${key}:claim`).catch(() => {});
+    else {
+      // Done is done: the result is kept for repeats, and the claim is never released.
+      for (let attempt = 0; attempt < 3; attempt++) {
+        const kept = await this.store.setIfAbsent(`${key}:result`, JSON.stringify(result), ONCE_TTL_MS).catch(() =>
+          false
+        );
+        if (kept) break;
+      }
+    }
+    return result;
   }
 
   private async safely<T>(op: () => Promise<T>): Promise<T> {
@@ -1212,14 +1243,14 @@ class Turn {
       }
       const args = tool.schema.safeParse(parseObject(call.args));
       if (!args.success) throw new Error(`bad arguments: ${z.prettifyError(args.error)}`);
-      const key = tool.once ? `${this.call.id}\n${call.name}\n${canonical(args.data)}` : undefined;
-      const ctx = {
-        ...this.context(),
-        signal: stop.signal,
-        idempotencyKey: key && digest(key).toString("hex").slice(0, 32),
-      };
+      // The once-key is a digest: short for any store, and the arguments stay out of it.
+      const key = tool.once
+        ? `once:${digest(`${this.call.id}\n${call.name}\n${canonical(args.data)}`).toString("hex").slice(0, 32)}`
+        : undefined;
+      const ctx = { ...this.context(), signal: stop.signal, idempotencyKey: key };
       const act = () => invoke(tool, args.data, ctx);
-      result = await withTimeout(key ? once.run(key, act) : act(), config.toolTimeoutMs, "it took too long");
+      const pending = key ? once.run(key, act, config.toolTimeoutMs) : act();
+      result = await withTimeout(pending, config.toolTimeoutMs, "it took too long");
       if (result.action) remember(actions, call.id, result.action);
     } catch (err) {
       if (err instanceof TimeoutError) stop.abort(err);
@@ -1582,7 +1613,8 @@ function drainOnSignal(deps: Deps) {
     deps.draining = true;
     const since = Date.now();
     log("info", "drain_start", { signal, live_calls: deps.live.size, timeout_ms: config.drainTimeoutMs });
-    for (let tick = 1; deps.live.size > 0 && Date.now() - since < config.drainTimeoutMs; tick++) {
+    const busy = () => deps.live.size > 0 || deps.once.busy; // a side effect half-done is not left behind
+    for (let tick = 1; busy() && Date.now() - since < config.drainTimeoutMs; tick++) {
       await new Promise((resolve) => setTimeout(resolve, 100));
       if (tick % 50 === 0) log("info", "draining", { live_calls: deps.live.size });
     }

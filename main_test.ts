@@ -19,6 +19,7 @@ import {
   ConfigError,
   listen,
   loadConfig,
+  MemoryStore,
   PERSONA,
   toClaudeMessages,
   type Tool,
@@ -1218,6 +1219,21 @@ describe("OpenAI through the real SDK", () => {
     }
   });
 
+  test("a stream cut off before the reply finished is an error, not a complete answer", async () => {
+    const fake = await fakeProvider((res) => stream(res, [openaiChunk({ content: "We open at" })]));
+    try {
+      await withServer({ config: openaiConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("when do you open?")]);
+        assert.equal((await retell.reply(1)).text, `We open at ${PERSONA.apology}`);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
   test("a newer request cancels the older request's HTTP stream at once", async () => {
     const fake = await fakeProvider((res, _body, n) =>
       n === 1
@@ -1604,6 +1620,33 @@ describe("tools: once per call", () => {
     assert.match((await check.run({ date: "2031-03-08" }, ctx) as { closed: string }).closed, /weekends/);
     assert.match((await check.run({ date: "2020-01-06" }, ctx) as { closed: string }).closed, /past/);
     assert.match((await check.run({ date: "2031-02-31" }, ctx) as { closed: string }).closed, /not a real date/);
+  });
+
+  test("a side effect that succeeded is not run again when saving its result failed once", async () => {
+    const { tool, runs } = countingTool();
+    class FlakyStore extends MemoryStore {
+      failed = false;
+      override setIfAbsent(key: string, value: string, ttlMs: number) {
+        if (key.endsWith(":result") && !this.failed) {
+          this.failed = true;
+          return Promise.reject(new Error("connection reset"));
+        }
+        return super.setIfAbsent(key, value, ttlMs);
+      }
+    }
+    const brain = scripted((req) =>
+      req.messages.at(-1)!.role === "tool_result" ? say("ok") : callTool("place_order", { item: "brush", qty: 1 })
+    );
+    await withServer({ brain, tools: [tool], store: new FlakyStore() }, async (port) => {
+      for (const id of [1, 2]) {
+        const retell = await Retell.connect(port, "/llm-websocket/flaky");
+        await retell.opened();
+        retell.ask(id, [user("order one brush")]);
+        await retell.reply(id);
+        retell.close();
+      }
+      assert.equal(runs.length, 1);
+    });
   });
 
   test("different arguments, or another call, do run again", async () => {
