@@ -1245,7 +1245,7 @@ describe("OpenAI through the real SDK", () => {
         const retell = await Retell.connect(port);
         await retell.opened();
         retell.ask(1, [user("tell me everything")]);
-        await retell.next((f) => f.response_id === 1 && f.content === "word2 ");
+        await retell.next((f) => f.response_id === 1 && f.content?.includes("word2 "));
         retell.ask(2, [user("actually, just one thing")]);
         assert.equal((await retell.reply(2)).text, "Fresh answer.");
         const deadline = Date.now() + 1000;
@@ -1401,7 +1401,7 @@ describe("Claude through the real SDK", () => {
         const retell = await Retell.connect(port);
         await retell.opened();
         retell.ask(1, [user("talk")]);
-        await retell.next((f) => f.response_id === 1 && f.content === "w2 ");
+        await retell.next((f) => f.response_id === 1 && f.content?.includes("w2 "));
         retell.ask(2, [user("stop")]);
         assert.equal((await retell.reply(2, 5000)).text, PERSONA.apology);
         const deadline = Date.now() + 1000;

@@ -87,7 +87,8 @@ for (const provider of ["openai", "anthropic"] as const) {
       const before = fake.stats()[provider];
       const { text, frames } = await oneTurn(server.port);
       assert.equal(text, REPLY_TEXT);
-      assert.equal(frames, REPLY_CHUNKS);
+      // Deltas that arrive in one network read go out as one frame, so there may be fewer.
+      assert.ok(frames >= 1 && frames <= REPLY_CHUNKS, `${frames} frames`);
       assert.equal(fake.stats()[provider], before + 1);
       assert.ok(Array.isArray(fake.lastBody?.messages));
     });
