@@ -1000,12 +1000,18 @@ class Call {
     // A request means Retell is past the greeting; sending one now would be stale.
     this.greetingDone = true;
     clearTimeout(this.greetTimer);
+    const superseding = this.turn?.busy;
     this.turn?.abort("superseded");
     const turn = this.turn = new Turn(this, frame.response_id, frame.interaction_type === "reminder_required");
     const items = frame.transcript_with_tool_calls?.length ? frame.transcript_with_tool_calls : frame.transcript;
-    turn.run((items ?? []).map(readItem)).catch((err) =>
-      log("error", "turn_crashed", { call_id: this.id, response_id: turn.id, error: String(err) })
-    );
+    const start = () =>
+      turn.run((items ?? []).map(readItem)).catch((err) =>
+        log("error", "turn_crashed", { call_id: this.id, response_id: turn.id, error: String(err) })
+      );
+    // Over a turn still streaming, the new one starts after one trip through the event loop,
+    // so the runtime closes the old upstream stream first instead of after the new request.
+    if (superseding) setTimeout(start, 0);
+    else start();
   }
 
   private reject(reason: string, bytes?: number) {
@@ -1044,6 +1050,11 @@ class Turn {
     return this.controller.signal;
   }
 
+  /** True until the turn has completed or been superseded. */
+  get busy() {
+    return this.live;
+  }
+
   abort(reason: "superseded" | "closed") {
     this.controller.abort(reason);
   }
@@ -1071,6 +1082,7 @@ class Turn {
 
   async run(items: readonly (Item | null)[]) {
     const { persona } = this.call.deps;
+    if (this.signal.aborted) return this.logTurn("superseded"); // superseded before it started
     let outcome: Outcome;
     try {
       const due = await unfinishedAction(items, this.call.deps, this.context());
@@ -1193,6 +1205,7 @@ class Turn {
     const model = new AbortController();
     const stop = () => model.abort(this.signal.reason);
     this.signal.addEventListener("abort", stop);
+    if (this.signal.aborted) stop();
     let last = performance.now();
     let timer: ReturnType<typeof setTimeout>;
     const watch = (ms: number) =>

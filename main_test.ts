@@ -509,6 +509,25 @@ describe("superseded requests", () => {
     });
   });
 
+  test("three requests in a row: only the last is answered, and nothing stale follows it", async () => {
+    const brain = scripted((req) => say(`reply to ${(req.messages.at(-1) as { text: string }).text}`, 50, " done."));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("one")]);
+      await retell.next((f) => f.response_id === 1);
+      retell.ask(2, [user("two")]);
+      retell.ask(3, [user("three")]);
+      assert.equal((await retell.reply(3)).text, "reply to three done.");
+      await sleep(100);
+      const afterThree = retell.frames.slice(retell.frames.findIndex((f) => f.response_id === 3));
+      assert.ok(afterThree.every((f) => f.response_id === 3), "no frame for 1 or 2 after 3 started");
+      assert.equal(retell.frames.filter((f) => f.content_complete && f.response_id !== 0).length, 1);
+      assert.equal((brain.requests.at(-1)!.messages.at(-1) as { text: string }).text, "three");
+      retell.close();
+    });
+  });
+
   test("a request older than the latest is ignored", async () => {
     const brain = scripted((req) => say(`reply to ${(req.messages.at(-1) as { text: string }).text}`));
     await withServer({ brain }, async (port) => {
