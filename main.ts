@@ -1527,9 +1527,6 @@ const sameSecret = (a: string, b: string) => timingSafeEqual(digest(a), digest(b
 // 9. Runtime glue: the only lines that differ between Deno and Bun ------------------------
 const isBun = "Bun" in globalThis;
 
-interface Session {
-  call: Call;
-}
 interface BunSocket {
   data: { open(peer: Peer): Call; call?: Call };
   send(data: string): number;
@@ -1562,10 +1559,10 @@ function upgrade(c: Context, open: (peer: Peer) => Call): Response | undefined {
   }
   const { response, socket } = upgraded;
   const peer: Peer = { send: (data) => socket.readyState === WebSocket.OPEN && socket.send(data) };
-  const session: Partial<Session> = {};
-  socket.onopen = () => guard("open", () => (session.call = open(peer)).open());
-  socket.onmessage = (e) => guard("message", () => session.call?.receive(e.data));
-  socket.onclose = (e) => guard("close", () => session.call?.closed(e.code));
+  let call: Call | undefined;
+  socket.onopen = () => guard("open", () => (call = open(peer)).open());
+  socket.onmessage = (e) => guard("message", () => call?.receive(e.data));
+  socket.onclose = (e) => guard("close", () => call?.closed(e.code));
   socket.onerror = () => {};
   return response;
 }
