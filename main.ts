@@ -904,6 +904,7 @@ class Call {
   private latestId = -1;
   private greetTimer?: ReturnType<typeof setTimeout>;
   private greetingDone = false;
+  private settingsSent = false;
   private badFrames = 0;
   private readonly opened = performance.now();
 
@@ -919,8 +920,6 @@ class Call {
     this.deps.live.add(this);
     log("info", "call_open", { call_id: this.id, live_calls: this.deps.live.size });
     this.send(CONFIG_FRAME);
-    const settings = this.deps.persona.agentSettings;
-    if (settings && Object.keys(settings).length) this.send({ response_type: "update_agent", agent_config: settings });
     // UNCERTAIN in Retell's docs: whether a reconnect expects the greeting again. We send an
     // empty id-0 response so the agent is not blocked and does not greet twice.
     if (this.deps.greeted.has(this.id)) return this.greet("");
@@ -990,6 +989,16 @@ class Call {
     this.deps.greeted.add(this.id);
     if (this.deps.greeted.size > 10_000) this.deps.greeted.delete(this.deps.greeted.values().next().value!);
     this.send({ response_type: "response", response_id: 0, content: text, content_complete: true });
+    this.sendAgentSettings();
+  }
+
+  // The persona's Retell agent settings go right after the begin message, so the opening
+  // reads config, then response 0, as Retell's docs describe it.
+  private sendAgentSettings() {
+    const settings = this.deps.persona.agentSettings;
+    if (this.settingsSent || !settings || !Object.keys(settings).length) return;
+    this.settingsSent = true;
+    this.send({ response_type: "update_agent", agent_config: settings });
   }
 
   private startTurn(frame: TurnRequest) {
@@ -1000,6 +1009,7 @@ class Call {
     // A request means Retell is past the greeting; sending one now would be stale.
     this.greetingDone = true;
     clearTimeout(this.greetTimer);
+    this.sendAgentSettings();
     const superseding = this.turn?.busy;
     this.turn?.abort("superseded");
     const turn = this.turn = new Turn(this, frame.response_id, frame.interaction_type === "reminder_required");

@@ -2029,7 +2029,7 @@ describe("provider fallback", () => {
 });
 
 describe("persona agent settings and tool memory", () => {
-  test("update_agent is sent after config when the persona sets agent settings", async () => {
+  test("update_agent follows config and the greeting when the persona sets agent settings", async () => {
     const agentSettings = {
       responsiveness: 0.5,
       interruption_sensitivity: 0.3,
@@ -2039,8 +2039,8 @@ describe("persona agent settings and tool memory", () => {
     await withServer({ persona: { ...testPersona, agentSettings } }, async (port) => {
       const retell = await Retell.connect(port);
       assert.equal((await retell.next()).response_type, "config");
-      assert.deepEqual(await retell.next(), { response_type: "update_agent", agent_config: agentSettings });
       assert.equal((await retell.next()).response_id, 0);
+      assert.deepEqual(await retell.next(), { response_type: "update_agent", agent_config: agentSettings });
       retell.close();
     });
   });
