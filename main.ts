@@ -899,7 +899,7 @@ class TimeoutError extends Error {}
 
 /** One Retell connection. A reconnect is a new Call with the same id. */
 class Call {
-  vars: Record<string, string> = {};
+  vars: Record<string, string>;
   private turn?: Turn;
   private latestId = -1;
   private greetTimer?: ReturnType<typeof setTimeout>;
@@ -1010,7 +1010,7 @@ class Call {
     this.greetingDone = true;
     clearTimeout(this.greetTimer);
     this.sendAgentSettings();
-    const superseding = this.turn?.busy;
+    const superseding = this.turn?.live;
     this.turn?.abort("superseded");
     const turn = this.turn = new Turn(this, frame.response_id, frame.interaction_type === "reminder_required");
     const items = frame.transcript_with_tool_calls?.length ? frame.transcript_with_tool_calls : frame.transcript;
@@ -1060,16 +1060,12 @@ class Turn {
     return this.controller.signal;
   }
 
-  /** True until the turn has completed or been superseded. */
-  get busy() {
-    return this.live;
-  }
-
   abort(reason: "superseded" | "closed") {
     this.controller.abort(reason);
   }
 
-  private get live() {
+  /** True until the turn has completed or been superseded. */
+  get live() {
     return !this.complete && !this.signal.aborted;
   }
 
@@ -1100,10 +1096,12 @@ class Turn {
         this.stats.tools.push(due.tool);
         this.say("", true, due.action.flags);
         log("info", "action_reissued", { call_id: this.call.id, response_id: this.id, tool: due.tool });
+        outcome = "completed";
+      } else {
+        const messages = toMessages(items);
+        if (this.reminder) messages.push({ role: "user", text: persona.reminder });
+        outcome = await this.converse(messages);
       }
-      const messages = toMessages(items);
-      if (this.reminder) messages.push({ role: "user", text: persona.reminder });
-      outcome = due ? "completed" : await this.converse(messages);
     } catch (err) {
       outcome = this.signal.aborted ? "superseded" : err instanceof TimeoutError ? "timeout" : "error";
       if (outcome !== "superseded") {
