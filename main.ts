@@ -11,8 +11,8 @@
  * LLM_PROVIDER variable read in section 3. Everything below section 3 is plumbing.
  */
 import { type Context, Hono } from "hono";
-import OpenAI from "openai";
-import Anthropic from "@anthropic-ai/sdk";
+import type OpenAI from "openai";
+import type Anthropic from "@anthropic-ai/sdk";
 import { z } from "zod";
 import process from "node:process";
 import { createHash, timingSafeEqual } from "node:crypto";
@@ -386,14 +386,23 @@ const createFallback = ({ fallback, ...config }: Config) => fallback && createBr
 
 const WORKING: BrainEvent = { type: "working" };
 
+// Only the SDK of a provider in use is loaded: each is about 5 MB of heap that every full GC
+// walks, which shows as a pause in the slowest turns. The import starts with the server, long
+// before the first call; if it fails, that is logged now and each turn apologises.
+function sdk<C>(provider: string, client: Promise<C>): Promise<C> {
+  client.catch((err) => log("error", "sdk_load_failed", { provider, error: errorText(err) }));
+  return client;
+}
+
 function openaiBrain(config: Config): Brain {
   // A dummy key lets keyless OpenAI-compatible servers (Ollama, vLLM) work; one quick retry.
-  const client = new OpenAI({ apiKey: config.openaiApiKey ?? "none", baseURL: config.openaiBaseUrl, maxRetries: 1 });
+  const options = { apiKey: config.openaiApiKey ?? "none", baseURL: config.openaiBaseUrl, maxRetries: 1 };
+  const client = sdk("openai", import("openai").then((openai) => new openai.default(options)));
   return {
     provider: "openai",
     model: config.model,
     async *stream({ system, messages, tools }, signal) {
-      const response = await client.chat.completions.create({
+      const response = await (await client).chat.completions.create({
         model: config.model,
         stream: true,
         messages: toOpenAIMessages(system, messages),
@@ -448,12 +457,13 @@ function toOpenAIMessages(system: string, messages: Message[]): OpenAI.ChatCompl
 }
 
 function anthropicBrain(config: Config): Brain {
-  const client = new Anthropic({ apiKey: config.anthropicApiKey, baseURL: config.anthropicBaseUrl, maxRetries: 1 });
+  const options = { apiKey: config.anthropicApiKey, baseURL: config.anthropicBaseUrl, maxRetries: 1 };
+  const client = sdk("anthropic", import("@anthropic-ai/sdk").then((anthropic) => new anthropic.default(options)));
   return {
     provider: "anthropic",
     model: config.model,
     async *stream({ system, messages, tools }, signal) {
-      const response = await client.messages.create({
+      const response = await (await client).messages.create({
         model: config.model,
         max_tokens: 1024,
         stream: true,
@@ -512,11 +522,13 @@ async function* serverSentEvents(response: Response): AsyncGenerator<ServerSentE
       // CRLF line ends become LF; a CR at the very end may still be half of a CRLF.
       if (buffer.includes("\r")) buffer = buffer.replace(/\r\n|\r(?!$)/g, "\n");
       const batch: ServerSentEvent[] = [];
-      for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
-        const message = parseEvent(buffer.slice(0, end));
-        buffer = buffer.slice(end + 2);
+      let start = 0;
+      for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n", start)) {
+        const message = parseEvent(buffer, start, end);
+        start = end + 2;
         if (message) batch.push(message);
       }
+      buffer = buffer.slice(start);
       if (batch.length) yield batch;
     }
   } finally {
@@ -524,16 +536,20 @@ async function* serverSentEvents(response: Response): AsyncGenerator<ServerSentE
   }
 }
 
-function parseEvent(block: string): ServerSentEvent | undefined {
+/** The event in text[start, end): its lines, read in place. */
+function parseEvent(text: string, start: number, end: number): ServerSentEvent | undefined {
   let event: string | undefined;
   let data: string | undefined;
-  for (const line of block.split("\n")) {
-    const colon = line.indexOf(":");
-    if (colon <= 0) continue; // a comment, or a line without a field
-    const value = line.slice(line[colon + 1] === " " ? colon + 2 : colon + 1);
-    const field = line.slice(0, colon);
-    if (field === "data") data = data === undefined ? value : `${data}\n${value}`;
-    else if (field === "event") event = value;
+  for (let line = start; line < end;) {
+    let eol = text.indexOf("\n", line);
+    if (eol < 0 || eol > end) eol = end;
+    const colon = text.indexOf(":", line);
+    if (colon > line && colon < eol) { // else a comment, or a line without a field
+      const value = text.slice(text.charCodeAt(colon + 1) === 32 ? colon + 2 : colon + 1, eol);
+      if (colon - line === 4 && text.startsWith("data", line)) data = data === undefined ? value : `${data}\n${value}`;
+      else if (colon - line === 5 && text.startsWith("event", line)) event = value;
+    }
+    line = eol + 1;
   }
   return data === undefined ? undefined : { event, data };
 }

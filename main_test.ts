@@ -202,6 +202,15 @@ describe("serving", () => {
     assert.doesNotMatch(source, /from "hono\/(deno|bun)"/);
     assert.doesNotMatch(source, /createBunWebSocket/);
   });
+
+  test("main.ts loads a provider's SDK only when that provider is in use", () => {
+    // Each SDK is ~5 MB of heap that every full GC walks: a static import would load both.
+    const source = readFileSync(new URL("./main.ts", import.meta.url), "utf8");
+    for (const sdk of ["openai", "@anthropic-ai/sdk"]) {
+      assert.doesNotMatch(source, new RegExp(`^import (?!type )[^;]*from "${sdk}"`, "m"));
+      assert.match(source, new RegExp(`import\\("${sdk}"\\)`));
+    }
+  });
 });
 
 // ---------------------------------------------------------------------------------------
