@@ -282,11 +282,10 @@ function readNumber(env: Record<string, string | undefined>, name: string, fallb
 // What Retell sends. Every frame's envelope is checked with zod; the transcript, which grows
 // all call long and comes with every request, is checked item by item when a turn reads it
 // (see readItem), so one bad item is dropped instead of costing the whole turn.
-const Transcript = z.array(z.unknown()).optional().catch(undefined);
+// An array is taken as it is (z.array would copy every item of it on every request).
+const Transcript = z.custom<unknown[]>(Array.isArray).optional().catch(undefined);
 
 const Inbound = z.discriminatedUnion("interaction_type", [
-  // A ping is always answered, even a malformed one: a missed pong costs the call.
-  z.object({ interaction_type: z.literal("ping_pong"), timestamp: z.number().catch(() => Date.now()) }),
   z.object({
     interaction_type: z.literal("call_details"),
     call: z.object({
@@ -319,7 +318,6 @@ function readItem(raw: unknown): Item | null {
 type Flags = CallAction["flags"] & { no_interruption_allowed?: boolean };
 type Outbound =
   | { response_type: "config"; config: Record<string, boolean> }
-  | { response_type: "ping_pong"; timestamp: number }
   | { response_type: "response"; response_id: number; content: string; content_complete: boolean } & Flags
   | { response_type: "tool_call_invocation"; tool_call_id: string; name: string; arguments: string }
   | { response_type: "tool_call_result"; tool_call_id: string; content: string; successful: boolean }
@@ -411,9 +409,15 @@ function openaiBrain(config: Config): Brain {
       const calls: { id: string; name: string; args: string }[] = [];
       let finished = false;
       let done = false;
+      let said = false;
       for await (const batch of serverSentEvents(response)) {
         let text = "";
         for (const { data } of batch) {
+          if (text && !said) { // the first words go out before the rest of the read is parsed
+            said = true;
+            yield { type: "text", text };
+            text = "";
+          }
           if (data === "[DONE]") {
             finished = done = true;
             break;
@@ -479,9 +483,15 @@ function anthropicBrain(config: Config): Brain {
       }, { signal }).asResponse();
       const calls = new Map<number, { id: string; name: string; args: string; input: unknown }>();
       let finished = false;
+      let said = false;
       for await (const batch of serverSentEvents(response)) {
         let text = "";
         for (const message of batch) {
+          if (text && !said) { // the first words go out before the rest of the read is parsed
+            said = true;
+            yield { type: "text", text };
+            text = "";
+          }
           if (message.event === "ping") continue;
           if (message.event === "message_stop") finished = true;
           const event = JSON.parse(message.data) as Anthropic.RawMessageStreamEvent | { type: "error"; error: unknown };
@@ -508,7 +518,8 @@ function anthropicBrain(config: Config): Brain {
 // The SDKs make the request (auth, retries, HTTP errors); the stream is read here, with one
 // small parser for both providers' server-sent events, which costs far less per chunk. It
 // yields the events of each network read together, so deltas that arrived at the same moment
-// go to Retell as one frame: the same words at the same time, fewer frames.
+// go to Retell as one frame: the same words at the same time, fewer frames. (The brains send
+// a turn's first words on their own, before parsing the rest of the read.)
 type ServerSentEvent = { event?: string; data: string };
 async function* serverSentEvents(response: Response): AsyncGenerator<ServerSentEvent[]> {
   const reader = response.body!.getReader();
@@ -966,6 +977,13 @@ class Call {
     } catch {
       return this.reject("invalid JSON", data.length);
     }
+    // A ping, the most frequent frame (every call, every 2 s), is answered before any other
+    // check, and always, even a malformed one: a missed pong costs the call.
+    const ping = json !== null && typeof json === "object" && (json as Record<string, unknown>);
+    if (ping && ping.interaction_type === "ping_pong") {
+      const timestamp = typeof ping.timestamp === "number" ? ping.timestamp : Date.now();
+      return this.peer.send(`{"response_type":"ping_pong","timestamp":${timestamp}}`);
+    }
     const parsed = Inbound.safeParse(json);
     if (!parsed.success) {
       const issue = parsed.error.issues[0];
@@ -976,8 +994,6 @@ class Call {
 
   private handle(frame: Inbound) {
     switch (frame.interaction_type) {
-      case "ping_pong":
-        return this.send({ response_type: "ping_pong", timestamp: frame.timestamp });
       case "call_details":
         this.vars = { ...readVars(frame.call?.retell_llm_dynamic_variables), call_id: this.id };
         // A call already under way (a reconnect that reached another instance) is not greeted again.
