@@ -9,6 +9,8 @@ import { listen, loadConfig } from "../main.ts";
 import { type FakeProvider, readTag, REPLY_CHUNKS, REPLY_TEXT, startFakeProvider } from "./fake_provider.ts";
 import { median, percentile, runJob, summarize, transcriptOf } from "./load.ts";
 import { startRelay } from "./relay.ts";
+import { readTrace } from "./sdk_cost.ts";
+import { spawnSync } from "node:child_process";
 
 type Frame = Record<string, any>;
 
@@ -157,5 +159,36 @@ describe("load client arithmetic", () => {
   test("requests are tagged by their last marker", () => {
     assert.deepEqual(readTag('{"a":"x [t=F:b1.2]","b":"y [t=H:b1.3]"}'), { mode: "H", key: "b1.3" });
     assert.deepEqual(readTag("{}"), { mode: "F", key: "" });
+  });
+});
+
+describe("the SDK cost measurement", () => {
+  test("times a request through the SDK and through fetch, in a child process on this runtime", () => {
+    const args = "Deno" in globalThis ? ["run", "-A"] : ["run"];
+    for (const way of ["sdk", "fetch"]) {
+      for (const provider of ["openai", "anthropic"]) {
+        const file = new URL("./sdk_cost.ts", import.meta.url).pathname;
+        const out = spawnSync(process.execPath, [...args, file, "--child", way, provider, "20"], { encoding: "utf8" });
+        const line = out.stderr.split("\n").find((l) => l.startsWith('{"way"'));
+        assert.ok(line, `no result from ${way} ${provider}: ${out.stderr.slice(-300)}`);
+        const result = JSON.parse(line);
+        assert.deepEqual([result.way, result.provider, result.n], [way, provider, 20]);
+        assert.ok(result.msPerRequest > 0 && result.msPerRequest < 1000);
+      }
+    }
+  });
+
+  test("reads bytes allocated and promoted between the two forced GCs of V8's trace", () => {
+    const gc = (o: Record<string, unknown>) => `[1:0x1:0]   5 ms: GC: ${JSON.stringify(o)}`;
+    const trace = [
+      gc({ pause: 1, gc: "s", reason: "allocation failure", allocated: 999, promoted: 9 }),
+      gc({ pause: 2, gc: "mc", reason: "testing", allocated: 100, promoted: 0 }),
+      "unrelated line",
+      gc({ pause: 3, gc: "s", reason: "allocation failure", allocated: 1000, promoted: 40 }),
+      gc({ pause: 4, gc: "mc", reason: "allocation failure", allocated: 500, promoted: 7 }),
+      gc({ pause: 5, gc: "mc", reason: "testing", allocated: 200, promoted: 0 }),
+      gc({ pause: 6, gc: "s", reason: "allocation failure", allocated: 5000, promoted: 50 }),
+    ].join("\n");
+    assert.deepEqual(readTrace(trace), { allocated: 1700, promoted: 40, pauseMs: 7 });
   });
 });

@@ -1,0 +1,169 @@
+// What one streamed request costs made through a provider SDK (the server's brain) against
+// plain fetch (the relay's way), each read to the end by the same kind of parser, against the
+// zero-latency fake provider in the same process. The README's tail-latency notes cite it.
+//
+//   deno run -A bench/sdk_cost.ts [--n 3000] [--reps 3]
+//
+// On Deno each measurement also reports bytes allocated and promoted (survived a young GC)
+// per request, read from V8's --trace-gc-nvp between two forced full GCs; on Bun, time only.
+// Measurements alternate fetch, sdk, fetch, sdk, ... and each sdk figure is a ratio to the
+// fetch run next to it. One child process per measurement: `--child <way> <provider> <n>`.
+import process from "node:process";
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { startFakeProvider } from "./fake_provider.ts";
+
+type Way = "fetch" | "sdk";
+type Provider = "openai" | "anthropic";
+const isDeno = "Deno" in globalThis;
+const argv = process.argv.slice(2);
+
+if (argv[0] === "--child") {
+  const [way, provider, n] = [argv[1] as Way, argv[2] as Provider, Number(argv[3])];
+  console.error(JSON.stringify(await child(way, provider, n))); // stdout carries V8's GC trace
+  process.exit(0);
+} else if (import.meta.main) {
+  parent();
+}
+
+/** One measurement: `n` requests one after another, after 300 to warm up. */
+async function child(way: Way, provider: Provider, n: number) {
+  const fake = await startFakeProvider({ port: 0 });
+  const base = `http://127.0.0.1:${fake.port}`;
+  Object.assign(process.env, {
+    LLM_PROVIDER: provider,
+    OPENAI_API_KEY: "sk-bench",
+    OPENAI_BASE_URL: `${base}/v1`,
+    ANTHROPIC_API_KEY: "sk-ant-bench",
+    ANTHROPIC_BASE_URL: base,
+  });
+  const { createBrain, loadConfig, toMessages } = await import("../main.ts");
+  const brain = createBrain(loadConfig(process.env));
+  const system = "You are Ava, the front-desk assistant of Sunrise Dental, on a phone call. ".repeat(12);
+  const transcript = [
+    { role: "agent", content: "Hi Sam! This is Ava at Sunrise Dental. How can I help you today?" },
+    { role: "user", content: "Hi, I would like to book a cleaning for next week if you have anything. [t=F:x.1]" },
+  ];
+  const viaSdk = async () => {
+    let text = "";
+    const request = { system, messages: toMessages(transcript), tools: [] };
+    for await (const event of brain.stream(request, new AbortController().signal)) {
+      if (event.type === "text") text += event.text;
+    }
+    return text;
+  };
+  const viaFetch = async () => {
+    const messages = transcript.map((t) => ({ role: t.role === "agent" ? "assistant" : "user", content: t.content }));
+    const anthropic = provider === "anthropic";
+    const res = await fetch(anthropic ? `${base}/v1/messages` : `${base}/v1/chat/completions`, {
+      method: "POST",
+      headers: anthropic
+        ? { "content-type": "application/json", "x-api-key": "sk-ant-bench", "anthropic-version": "2023-06-01" }
+        : { "content-type": "application/json", authorization: "Bearer sk-bench" },
+      body: JSON.stringify(
+        anthropic
+          ? { model: "claude-haiku-4-5", max_tokens: 1024, stream: true, system, messages }
+          : { model: "gpt-4.1-mini", stream: true, messages: [{ role: "system", content: system }, ...messages] },
+      ),
+      signal: new AbortController().signal,
+    });
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let text = "";
+    for await (const bytes of res.body!) {
+      buffer += decoder.decode(bytes, { stream: true });
+      for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const at = event.indexOf("data:");
+        const data = at < 0 ? "[DONE]" : event.slice(at + 5).trim();
+        if (data === "[DONE]") continue;
+        const json = JSON.parse(data);
+        text += (anthropic ? json.delta?.text : json.choices?.[0]?.delta?.content) ?? "";
+      }
+    }
+    return text;
+  };
+  const run = way === "sdk" ? viaSdk : viaFetch;
+  for (let i = 0; i < 300; i++) await run();
+  const gc = (globalThis as { gc?: () => void }).gc;
+  gc?.(); // with --expose-gc: a full GC on each side of the measured loop marks it in the GC trace
+  const t0 = performance.now();
+  for (let i = 0; i < n; i++) await run();
+  const msPerRequest = (performance.now() - t0) / n;
+  for (let i = 0; i < 4; i++) gc?.(); // the later ones push the trace of the first out of stdio's buffer
+  await fake.close();
+  return { way, provider, n, msPerRequest };
+}
+
+/** The GC trace between the two forced GCs: bytes allocated and promoted in between. */
+export function readTrace(stdout: string) {
+  const events = [...stdout.matchAll(/GC: (\{.*?\})\s*$/gm)].map((m) => JSON.parse(m[1]));
+  const marks = events.map((e, i) => (e.reason === "testing" ? i : -1)).filter((i) => i >= 0);
+  if (marks.length < 2) return { allocated: NaN, promoted: NaN, pauseMs: NaN };
+  const inside = events.slice(marks[0] + 1, marks[1] + 1);
+  const sum = (key: string) => inside.reduce((s, e) => s + (Number(e[key]) || 0), 0);
+  return {
+    allocated: sum("allocated"),
+    promoted: inside.filter((e) => e.gc === "s").reduce((s, e) => s + (Number(e.promoted) || 0), 0),
+    pauseMs: inside.filter((e) => e.reason !== "testing").reduce((s, e) => s + e.pause, 0),
+  };
+}
+
+function parent() {
+  const { values } = parseArgs({
+    args: argv,
+    options: { n: { type: "string", default: "3000" }, reps: { type: "string", default: "3" } },
+  });
+  const n = Number(values.n);
+  const reps = Number(values.reps);
+  const local = new URL("../.tools/node_modules/.bin/bun", import.meta.url).pathname;
+  const bunBin = existsSync(local) ? local : "bun";
+  const hasBun = spawnSync(bunBin, ["--version"]).status === 0;
+  const runtimes = isDeno
+    ? [
+      { name: "deno", cmd: [process.execPath, "run", "-A", "--v8-flags=--trace-gc-nvp,--expose-gc"] },
+      ...(hasBun ? [{ name: "bun", cmd: [bunBin, "run"] }] : []),
+    ]
+    : [{ name: "bun", cmd: [process.execPath, "run"] }];
+  const file = new URL(import.meta.url).pathname;
+  const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
+  const rows: string[][] = [];
+  for (const runtime of runtimes) {
+    for (const provider of ["openai", "anthropic"] as Provider[]) {
+      const got: Record<Way, { ms: number[]; kib: number[]; promoted: number[] }> = {
+        fetch: { ms: [], kib: [], promoted: [] },
+        sdk: { ms: [], kib: [], promoted: [] },
+      };
+      for (let rep = 0; rep < reps; rep++) {
+        for (const way of ["fetch", "sdk"] as Way[]) {
+          const [bin, ...args] = runtime.cmd;
+          const out = spawnSync(bin, [...args, file, "--child", way, provider, String(n)], {
+            encoding: "utf8",
+            maxBuffer: 256 * 1024 * 1024,
+          });
+          const line = out.stderr.split("\n").find((l) => l.startsWith('{"way"'));
+          if (!line) throw new Error(`${runtime.name} ${way} ${provider} failed: ${out.stderr.slice(-500)}`);
+          const trace = readTrace(out.stdout);
+          got[way].ms.push(JSON.parse(line).msPerRequest);
+          got[way].kib.push(trace.allocated / n / 1024);
+          got[way].promoted.push(trace.promoted / n / 1024);
+        }
+      }
+      const ratio = (key: "ms" | "kib" | "promoted") => med(got.sdk[key].map((s, i) => s / got.fetch[key][i]));
+      const f = (x: number, d = 2) => (Number.isFinite(x) ? x.toFixed(d) : "–");
+      rows.push([
+        runtime.name,
+        provider,
+        `${f(med(got.sdk.ms), 3)} / ${f(med(got.fetch.ms), 3)} (${f(ratio("ms"))}×)`,
+        `${f(med(got.sdk.kib), 0)} / ${f(med(got.fetch.kib), 0)} (${f(ratio("kib"))}×)`,
+        `${f(med(got.sdk.promoted), 1)} / ${f(med(got.fetch.promoted), 1)}`,
+      ]);
+      console.error(`  ${rows.at(-1)!.join("  ")}`);
+    }
+  }
+  const header = ["runtime", "provider", "ms/request sdk / fetch", "KiB allocated", "KiB promoted"];
+  const table = [header, header.map(() => "---"), ...rows].map((r) => `| ${r.join(" | ")} |`).join("\n");
+  console.log(`\n${new Date().toISOString()}, ${n} requests × ${reps} repetitions, medians:\n\n${table}`);
+}
