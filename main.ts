@@ -279,10 +279,10 @@ function readNumber(env: Record<string, string | undefined>, name: string, fallb
 }
 
 // 4. The Retell protocol (see README for links) --------------------------------------------
-// What Retell sends. Every frame's envelope is checked with zod; the transcript, which grows
-// all call long and comes with every request, is checked item by item when a turn reads it
-// (see readItem), so one bad item is dropped instead of costing the whole turn.
-// An array is taken as it is (z.array would copy every item of it on every request).
+// What Retell sends. Every frame's envelope but a ping's (see Call.receive) is checked with
+// zod; the transcript, which grows all call long and comes with every request, is taken as
+// the array it is (z.array would copy it) and checked item by item when a turn reads it (see
+// readItem), so one bad item is dropped instead of costing the whole turn.
 const Transcript = z.custom<unknown[]>(Array.isArray).optional().catch(undefined);
 
 const Inbound = z.discriminatedUnion("interaction_type", [
@@ -408,35 +408,23 @@ function openaiBrain(config: Config): Brain {
       }, { signal }).asResponse();
       const calls: { id: string; name: string; args: string }[] = [];
       let finished = false;
-      let done = false;
-      let said = false;
-      for await (const batch of serverSentEvents(response)) {
-        let text = "";
-        for (const { data } of batch) {
-          if (text && !said) { // the first words go out before the rest of the read is parsed
-            said = true;
-            yield { type: "text", text };
-            text = "";
-          }
-          if (data === "[DONE]") {
-            finished = done = true;
-            break;
-          }
-          const chunk = JSON.parse(data) as OpenAI.ChatCompletionChunk & { error?: { message?: string } };
-          if (chunk.error) throw new Error(`openai: ${chunk.error.message ?? JSON.stringify(chunk.error)}`);
-          const delta = chunk.choices?.[0]?.delta;
-          finished ||= Boolean(chunk.choices?.[0]?.finish_reason);
-          if (delta?.content) text += delta.content;
-          for (const part of delta?.tool_calls ?? []) {
-            const call = calls[part.index ?? 0] ??= { id: "", name: "", args: "" };
-            if (part.id) call.id = part.id;
-            if (part.function?.name) call.name = part.function.name;
-            if (part.function?.arguments) call.args += part.function.arguments;
-          }
+      yield* wordsOf(response, ({ data }) => {
+        if (data === "[DONE]") {
+          finished = true;
+          return null;
         }
-        yield text ? { type: "text", text } : WORKING;
-        if (done) break;
-      }
+        const chunk = JSON.parse(data) as OpenAI.ChatCompletionChunk & { error?: { message?: string } };
+        if (chunk.error) throw new Error(`openai: ${chunk.error.message ?? JSON.stringify(chunk.error)}`);
+        const delta = chunk.choices?.[0]?.delta;
+        finished ||= Boolean(chunk.choices?.[0]?.finish_reason);
+        for (const part of delta?.tool_calls ?? []) {
+          const call = calls[part.index ?? 0] ??= { id: "", name: "", args: "" };
+          if (part.id) call.id = part.id;
+          if (part.function?.name) call.name = part.function.name;
+          if (part.function?.arguments) call.args += part.function.arguments;
+        }
+        return delta?.content ?? "";
+      });
       if (!finished && !signal.aborted) throw new Error("openai: the stream ended before the reply was finished");
       for (const call of calls.filter(Boolean)) {
         yield { type: "tool_call", id: call.id || newId("call"), name: call.name, args: call.args || "{}" };
@@ -483,30 +471,21 @@ function anthropicBrain(config: Config): Brain {
       }, { signal }).asResponse();
       const calls = new Map<number, { id: string; name: string; args: string; input: unknown }>();
       let finished = false;
-      let said = false;
-      for await (const batch of serverSentEvents(response)) {
-        let text = "";
-        for (const message of batch) {
-          if (text && !said) { // the first words go out before the rest of the read is parsed
-            said = true;
-            yield { type: "text", text };
-            text = "";
-          }
-          if (message.event === "ping") continue;
-          if (message.event === "message_stop") finished = true;
-          const event = JSON.parse(message.data) as Anthropic.RawMessageStreamEvent | { type: "error"; error: unknown };
-          if (event.type === "error") throw new Error(`anthropic: ${JSON.stringify(event.error)}`);
-          if (event.type === "content_block_delta" && event.delta.type === "text_delta") text += event.delta.text;
-          else if (event.type === "content_block_start" && event.content_block.type === "tool_use") {
-            const { id, name, input } = event.content_block;
-            calls.set(event.index, { id, name, args: "", input });
-          } else if (event.type === "content_block_delta" && event.delta.type === "input_json_delta") {
-            const call = calls.get(event.index);
-            if (call) call.args += event.delta.partial_json;
-          }
+      yield* wordsOf(response, (message) => {
+        if (message.event === "ping") return "";
+        if (message.event === "message_stop") finished = true;
+        const event = JSON.parse(message.data) as Anthropic.RawMessageStreamEvent | { type: "error"; error: unknown };
+        if (event.type === "error") throw new Error(`anthropic: ${JSON.stringify(event.error)}`);
+        if (event.type === "content_block_delta" && event.delta.type === "text_delta") return event.delta.text;
+        if (event.type === "content_block_start" && event.content_block.type === "tool_use") {
+          const { id, name, input } = event.content_block;
+          calls.set(event.index, { id, name, args: "", input });
+        } else if (event.type === "content_block_delta" && event.delta.type === "input_json_delta") {
+          const call = calls.get(event.index);
+          if (call) call.args += event.delta.partial_json;
         }
-        yield text ? { type: "text", text } : WORKING;
-      }
+        return "";
+      });
       if (!finished && !signal.aborted) throw new Error("anthropic: the stream ended before the reply was finished");
       for (const { id, name, args, input } of calls.values()) {
         yield { type: "tool_call", id, name, args: args || JSON.stringify(input ?? {}) };
@@ -516,10 +495,37 @@ function anthropicBrain(config: Config): Brain {
 }
 
 // The SDKs make the request (auth, retries, HTTP errors); the stream is read here, with one
-// small parser for both providers' server-sent events, which costs far less per chunk. It
-// yields the events of each network read together, so deltas that arrived at the same moment
-// go to Retell as one frame: the same words at the same time, fewer frames. (The brains send
-// a turn's first words on their own, before parsing the rest of the read.)
+// small parser for both providers' server-sent events, which costs far less per chunk.
+// `wordsOf` turns each network read into one text event, so deltas that arrived at the same
+// moment go to Retell as one frame: the same words at the same time, fewer frames. Only a
+// turn's first words go out on their own, before the rest of their read is parsed. `read`
+// handles one event and returns its words, or null at the end of the reply.
+async function* wordsOf(
+  response: Response,
+  read: (event: ServerSentEvent) => string | null,
+): AsyncGenerator<BrainEvent> {
+  let said = false;
+  for await (const batch of serverSentEvents(response)) {
+    let text = "";
+    let end = false;
+    for (const event of batch) {
+      if (text && !said) {
+        said = true;
+        yield { type: "text", text };
+        text = "";
+      }
+      const words = read(event);
+      if (words === null) {
+        end = true;
+        break;
+      }
+      text += words;
+    }
+    yield text ? { type: "text", text } : WORKING;
+    if (end) return;
+  }
+}
+
 type ServerSentEvent = { event?: string; data: string };
 async function* serverSentEvents(response: Response): AsyncGenerator<ServerSentEvent[]> {
   const reader = response.body!.getReader();
@@ -616,10 +622,8 @@ function demoBrain(config: Config): Brain {
       const heard = last?.role === "user" ? last.text : "";
       if (heard.startsWith("(")) return yield* words("Are you still there?"); // a reminder
       const call = demoToolCall(heard, messages);
-      if (call) yield { type: "tool_call", id: newId("demo"), name: call.name, args: JSON.stringify(call.args) };
-      else {yield* words(
-          "I'm the offline demo brain. I can check a day, book a time, get you a person, or say goodbye.",
-        );}
+      if (call) return yield { type: "tool_call", id: newId("demo"), name: call.name, args: JSON.stringify(call.args) };
+      yield* words("I'm the offline demo brain. I can check a day, book a time, get you a person, or say goodbye.");
     },
   };
 }
@@ -979,8 +983,8 @@ class Call {
     }
     // A ping, the most frequent frame (every call, every 2 s), is answered before any other
     // check, and always, even a malformed one: a missed pong costs the call.
-    const ping = json !== null && typeof json === "object" && (json as Record<string, unknown>);
-    if (ping && ping.interaction_type === "ping_pong") {
+    const ping = json as { interaction_type?: unknown; timestamp?: unknown } | null;
+    if (ping?.interaction_type === "ping_pong") {
       const timestamp = typeof ping.timestamp === "number" ? ping.timestamp : Date.now();
       return this.peer.send(`{"response_type":"ping_pong","timestamp":${timestamp}}`);
     }

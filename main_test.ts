@@ -1221,6 +1221,30 @@ describe("OpenAI through the real SDK", () => {
     }
   });
 
+  test("a turn's first words go out alone, before the rest of the same network read", async () => {
+    const fake = await fakeProvider((res) => {
+      sse(res); // the whole reply in one write
+      res.end(
+        openaiChunk({ role: "assistant", content: "" }) + openaiChunk({ content: "We" }) +
+          openaiChunk({ content: " open" }) + openaiChunk({ content: " at nine." }) + openaiChunk({}, "stop") +
+          "data: [DONE]\n\n",
+      );
+    });
+    try {
+      await withServer({ config: openaiConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("When do you open?")]);
+        const { text, frames } = await retell.reply(1);
+        assert.equal(text, "We open at nine.");
+        assert.equal(frames.find((f) => f.content)?.content, "We");
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
   test("reads CRLF-separated events, comments and data lines without a space, and speaks a mid-stream error", async () => {
     const fake = await fakeProvider((res, _body, n) =>
       n === 1
