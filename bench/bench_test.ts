@@ -174,6 +174,7 @@ describe("the SDK cost measurement", () => {
         const result = JSON.parse(line);
         assert.deepEqual([result.way, result.provider, result.n], [way, provider, 20]);
         assert.ok(result.msPerRequest > 0 && result.msPerRequest < 1000);
+        assert.ok(result.p99Ms >= result.msPerRequest, "with 20 requests the p99 is the slowest one"); // ≥ the mean
       }
     }
   });

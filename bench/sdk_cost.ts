@@ -4,8 +4,10 @@
 //
 //   deno run -A bench/sdk_cost.ts [--n 3000] [--reps 3]
 //
-// On Deno each measurement also reports bytes allocated and promoted (survived a young GC)
-// per request, read from V8's --trace-gc-nvp between two forced full GCs; on Bun, time only.
+// Each measurement reports the mean time per request and the p99 (requests go one at a time,
+// so a slow one is slow by its own path or by a GC pause it ran into). On Deno also bytes
+// allocated and promoted (survived a young GC) per request, read from V8's --trace-gc-nvp
+// between two forced full GCs.
 // Measurements alternate fetch, sdk, fetch, sdk, ... and each sdk figure is a ratio to the
 // fetch run next to it. One child process per measurement: `--child <way> <provider> <n>`.
 import process from "node:process";
@@ -89,12 +91,19 @@ async function child(way: Way, provider: Provider, n: number) {
   for (let i = 0; i < 300; i++) await run();
   const gc = (globalThis as { gc?: () => void }).gc;
   gc?.(); // with --expose-gc: a full GC on each side of the measured loop marks it in the GC trace
+  const times: number[] = [];
   const t0 = performance.now();
-  for (let i = 0; i < n; i++) await run();
+  for (let i = 0; i < n; i++) {
+    const start = performance.now();
+    await run();
+    times.push(performance.now() - start);
+  }
   const msPerRequest = (performance.now() - t0) / n;
+  times.sort((a, b) => a - b);
+  const p99Ms = times[Math.ceil(n * 0.99) - 1];
   for (let i = 0; i < 4; i++) gc?.(); // the later ones push the trace of the first out of stdio's buffer
   await fake.close();
-  return { way, provider, n, msPerRequest };
+  return { way, provider, n, msPerRequest, p99Ms };
 }
 
 /** The GC trace between the two forced GCs: bytes allocated and promoted in between. */
@@ -132,9 +141,9 @@ function parent() {
   const rows: string[][] = [];
   for (const runtime of runtimes) {
     for (const provider of ["openai", "anthropic"] as Provider[]) {
-      const got: Record<Way, { ms: number[]; kib: number[]; promoted: number[] }> = {
-        fetch: { ms: [], kib: [], promoted: [] },
-        sdk: { ms: [], kib: [], promoted: [] },
+      const got: Record<Way, { ms: number[]; p99: number[]; kib: number[]; promoted: number[] }> = {
+        fetch: { ms: [], p99: [], kib: [], promoted: [] },
+        sdk: { ms: [], p99: [], kib: [], promoted: [] },
       };
       for (let rep = 0; rep < reps; rep++) {
         for (const way of ["fetch", "sdk"] as Way[]) {
@@ -146,24 +155,27 @@ function parent() {
           const line = out.stderr.split("\n").find((l) => l.startsWith('{"way"'));
           if (!line) throw new Error(`${runtime.name} ${way} ${provider} failed: ${out.stderr.slice(-500)}`);
           const trace = readTrace(out.stdout);
-          got[way].ms.push(JSON.parse(line).msPerRequest);
+          const result = JSON.parse(line);
+          got[way].ms.push(result.msPerRequest);
+          got[way].p99.push(result.p99Ms);
           got[way].kib.push(trace.allocated / n / 1024);
           got[way].promoted.push(trace.promoted / n / 1024);
         }
       }
-      const ratio = (key: "ms" | "kib" | "promoted") => med(got.sdk[key].map((s, i) => s / got.fetch[key][i]));
+      const ratio = (key: "ms" | "p99" | "kib" | "promoted") => med(got.sdk[key].map((s, i) => s / got.fetch[key][i]));
       const f = (x: number, d = 2) => (Number.isFinite(x) ? x.toFixed(d) : "–");
       rows.push([
         runtime.name,
         provider,
         `${f(med(got.sdk.ms), 3)} / ${f(med(got.fetch.ms), 3)} (${f(ratio("ms"))}×)`,
+        `${f(med(got.sdk.p99), 2)} / ${f(med(got.fetch.p99), 2)} (${f(ratio("p99"))}×)`,
         `${f(med(got.sdk.kib), 0)} / ${f(med(got.fetch.kib), 0)} (${f(ratio("kib"))}×)`,
         `${f(med(got.sdk.promoted), 1)} / ${f(med(got.fetch.promoted), 1)}`,
       ]);
       console.error(`  ${rows.at(-1)!.join("  ")}`);
     }
   }
-  const header = ["runtime", "provider", "ms/request sdk / fetch", "KiB allocated", "KiB promoted"];
+  const header = ["runtime", "provider", "ms/request sdk / fetch", "p99 ms", "KiB allocated", "KiB promoted"];
   const table = [header, header.map(() => "---"), ...rows].map((r) => `| ${r.join(" | ")} |`).join("\n");
   console.log(`\n${new Date().toISOString()}, ${n} requests × ${reps} repetitions, medians:\n\n${table}`);
 }
