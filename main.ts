@@ -408,10 +408,10 @@ function openaiBrain(config: Config): Brain {
       }, { signal }).asResponse();
       const calls: { id: string; name: string; args: string }[] = [];
       let finished = false;
-      yield* wordsOf(response, ({ data }) => {
+      yield* wordsOf(response, () => finished, ({ data }) => {
         if (data === "[DONE]") {
           finished = true;
-          return null;
+          return;
         }
         const chunk = JSON.parse(data) as OpenAI.ChatCompletionChunk & { error?: { message?: string } };
         if (chunk.error) throw new Error(`openai: ${chunk.error.message ?? JSON.stringify(chunk.error)}`);
@@ -423,7 +423,7 @@ function openaiBrain(config: Config): Brain {
           if (part.function?.name) call.name = part.function.name;
           if (part.function?.arguments) call.args += part.function.arguments;
         }
-        return delta?.content ?? "";
+        return delta?.content || (delta?.tool_calls?.length ? "" : undefined);
       });
       if (!finished && !signal.aborted) throw new Error("openai: the stream ended before the reply was finished");
       for (const call of calls.filter(Boolean)) {
@@ -438,15 +438,20 @@ function toOpenAIMessages(system: string, messages: Message[]): OpenAI.ChatCompl
   for (const m of messages) {
     const last = out.at(-1)!;
     if (m.role === "user" || m.role === "assistant") out.push({ role: m.role, content: m.text });
-    else if (m.role === "tool_result") out.push({ role: "tool", tool_call_id: m.id, content: m.content });
+    else if (m.role === "tool_result") out.push({ role: "tool", tool_call_id: openaiId(m.id), content: m.content });
     else {
-      const call = { id: m.id, type: "function" as const, function: { name: m.name, arguments: m.args } };
+      const call = { id: openaiId(m.id), type: "function" as const, function: { name: m.name, arguments: m.args } };
       if (last.role === "assistant") (last.tool_calls ??= []).push(call);
       else out.push({ role: "assistant", content: null, tool_calls: [call] });
     }
   }
   return out;
 }
+
+// OpenAI refuses tool call ids longer than 40 characters; a longer one (from another provider,
+// or from the transcript) becomes a short digest of itself, the same for a call and its result.
+const openaiId = (id: string) =>
+  id.length <= 40 ? id : `call_${createHash("sha256").update(id).digest("hex").slice(0, 35)}`;
 
 function anthropicBrain(config: Config): Brain {
   const options = { apiKey: config.anthropicApiKey, baseURL: config.anthropicBaseUrl, maxRetries: 1 };
@@ -471,16 +476,22 @@ function anthropicBrain(config: Config): Brain {
       }, { signal }).asResponse();
       const calls = new Map<number, { id: string; name: string; args: string; input: unknown }>();
       let finished = false;
-      yield* wordsOf(response, (message) => {
-        if (message.event === "ping") return "";
-        if (message.event === "message_stop") finished = true;
+      yield* wordsOf(response, () => finished, (message) => {
+        if (message.event === "ping") return;
+        if (message.event === "message_stop") {
+          finished = true;
+          return;
+        }
         const event = JSON.parse(message.data) as Anthropic.RawMessageStreamEvent | { type: "error"; error: unknown };
         if (event.type === "error") throw new Error(`anthropic: ${JSON.stringify(event.error)}`);
-        if (event.type === "content_block_delta" && event.delta.type === "text_delta") return event.delta.text;
         if (event.type === "content_block_start" && event.content_block.type === "tool_use") {
           const { id, name, input } = event.content_block;
           calls.set(event.index, { id, name, args: "", input });
-        } else if (event.type === "content_block_delta" && event.delta.type === "input_json_delta") {
+          return "";
+        }
+        if (event.type !== "content_block_delta") return;
+        if (event.delta.type === "text_delta") return event.delta.text;
+        if (event.delta.type === "input_json_delta") {
           const call = calls.get(event.index);
           if (call) call.args += event.delta.partial_json;
         }
@@ -499,15 +510,19 @@ function anthropicBrain(config: Config): Brain {
 // `wordsOf` turns each network read into one text event, so deltas that arrived at the same
 // moment go to Retell as one frame: the same words at the same time, fewer frames. Only a
 // turn's first words go out on their own, before the rest of their read is parsed. `read`
-// handles one event and returns its words, or null at the end of the reply.
+// handles one event and returns its words, "" for progress without words (a tool call being
+// written), or undefined for an event that is no progress (a keep-alive ping): only progress
+// resets the turn's watchdog, so a provider that sends nothing but pings still times out.
+// The reply ends when `finished` says so, even if the provider leaves the stream open.
 async function* wordsOf(
   response: Response,
-  read: (event: ServerSentEvent) => string | null,
+  finished: () => boolean,
+  read: (event: ServerSentEvent) => string | undefined,
 ): AsyncGenerator<BrainEvent> {
   let said = false;
   for await (const batch of serverSentEvents(response)) {
     let text = "";
-    let end = false;
+    let progress = false;
     for (const event of batch) {
       if (text && !said) {
         said = true;
@@ -515,14 +530,12 @@ async function* wordsOf(
         text = "";
       }
       const words = read(event);
-      if (words === null) {
-        end = true;
-        break;
-      }
-      text += words;
+      if (words !== undefined) progress = true, text += words;
+      if (finished()) break;
     }
-    yield text ? { type: "text", text } : WORKING;
-    if (end) return;
+    if (text) yield { type: "text", text };
+    else if (progress) yield WORKING;
+    if (finished()) return;
   }
 }
 
@@ -709,7 +722,9 @@ const MAX_PROMPT_CHARS = 120_000;
 export function toMessages(items: readonly (Item | null)[]): Message[] {
   const results = new Map<string, string>();
   for (const item of items) {
-    if (item?.role === "tool_call_result" && item.tool_call_id) results.set(item.tool_call_id, item.content ?? "");
+    if (item?.role === "tool_call_result" && item.tool_call_id) {
+      results.set(item.tool_call_id, clip(item.content ?? ""));
+    }
   }
   const out: Message[] = [];
   const seen = new Set<string>();
@@ -750,13 +765,24 @@ const size = (
   m: Message,
 ) => (m.role === "tool_call" ? m.args.length : m.role === "tool_result" ? m.content.length : m.text.length);
 
-// A very long call keeps its newest part; a cut never starts inside a tool call.
+// A very long call keeps its newest part, and always its newest message.
 function trimToBudget(messages: Message[]): Message[] {
   let total = 0;
   let start = messages.length;
   while (start > 0 && total + size(messages[start - 1]) <= MAX_PROMPT_CHARS) total += size(messages[--start]);
-  while (start < messages.length && messages[start].role === "tool_result") start++;
-  return start === 0 ? messages : messages.slice(start);
+  if (start === 0) return messages;
+  start = Math.min(start, messages.length - 1);
+  // Each round of tool calls is one run here, its calls then their results; a cut inside a
+  // run would part a call from its result, which the providers refuse. So the run goes
+  // whole, or, when nothing but the run would be left, it stays whole.
+  const tool = (i: number) => messages[i].role === "tool_call" || messages[i].role === "tool_result";
+  if (tool(start) && tool(start - 1)) {
+    let after = start;
+    while (after < messages.length && tool(after)) after++;
+    if (after < messages.length) start = after;
+    else while (start > 0 && tool(start - 1)) start--;
+  }
+  return messages.slice(start);
 }
 
 const SLOT = /\{\{\s*([\w.-]+)\s*\}\}/g;
@@ -922,6 +948,7 @@ interface Peer {
 const GREETING_WAIT_MS = 1000;
 const ONCE_TTL_MS = 6 * 60 * 60 * 1000;
 const MAX_BARGE_IN_WORDS = 5;
+const MAX_BARGE_IN_CHARS = 100;
 const MAX_TOOL_ROUNDS = 4;
 const MAX_BAD_FRAME_LOGS = 20;
 const MAX_VARS = 100;
@@ -992,7 +1019,8 @@ class Call {
     // check, and always, even a malformed one: a missed pong costs the call.
     const ping = json as { interaction_type?: unknown; timestamp?: unknown } | null;
     if (ping?.interaction_type === "ping_pong") {
-      const timestamp = typeof ping.timestamp === "number" ? ping.timestamp : Date.now();
+      // Echoed as JSON: 1e999 parses to Infinity, which JSON cannot carry.
+      const timestamp = Number.isFinite(ping.timestamp) ? ping.timestamp as number : Date.now();
       return this.peer.send(`{"response_type":"ping_pong","timestamp":${timestamp}}`);
     }
     const parsed = Inbound.safeParse(json);
@@ -1388,8 +1416,13 @@ const canonical = (value: unknown): string =>
 // side. When the agent had said at least half of that line and the caller only acknowledged
 // it ("okay", "thanks, bye"), the action is re-issued instead of starting a new reply.
 async function unfinishedAction(items: readonly (Item | null)[], deps: Deps, ctx: ToolContext) {
+  // Sizes are checked before any text work: a transcript of many megabytes costs nothing here.
   let end = items.length;
-  while (end > 0 && items[end - 1]?.role === "user") end--;
+  let chars = 0;
+  while (end > 0 && items[end - 1]?.role === "user") {
+    chars += items[--end]?.content?.length ?? 0;
+    if (chars > MAX_BARGE_IN_CHARS || items.length - end > MAX_BARGE_IN_WORDS) return;
+  }
   const barge = normalize(items.slice(end).map((it) => it?.content ?? "").join(" ")).split(" ").filter(Boolean);
   if (!barge.length || barge.length > MAX_BARGE_IN_WORDS || !barge.every((w) => ACKNOWLEDGEMENTS.has(w))) return;
   // The agent's side of the last exchange: everything since the caller spoke before.
@@ -1402,8 +1435,13 @@ async function unfinishedAction(items: readonly (Item | null)[], deps: Deps, ctx
   const invocation = exchange[at];
   if (!invocation?.tool_call_id) return;
   const action = deps.actions.get(invocation.tool_call_id) ?? await rebuildAction(invocation, deps, ctx);
-  const spoken = normalize(exchange.slice(at + 1).map((it) => it?.role === "agent" ? it.content ?? "" : "").join(" "));
   const line = normalize(action?.message ?? "").split(" ");
+  let said = "";
+  for (const it of exchange.slice(at + 1)) {
+    if (it?.role === "agent") said += ` ${it.content?.slice(0, MAX_ITEM_CHARS) ?? ""}`;
+    if (said.length > MAX_ITEM_CHARS) break; // the goodbye comes first: its start is all we look for
+  }
+  const spoken = normalize(said);
   const half = line.slice(0, Math.ceil(line.length / 2)).join(" ");
   if (action && half && spoken.includes(half)) return { tool: invocation.name!, action };
 }

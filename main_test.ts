@@ -22,6 +22,7 @@ import {
   MemoryStore,
   PERSONA,
   toClaudeMessages,
+  toMessages,
   type Tool,
   TOOLS,
 } from "./main.ts";
@@ -323,6 +324,17 @@ describe("keepalive", () => {
     });
   });
 
+  test("a ping whose timestamp JSON cannot carry (1e999) still gets a pong that parses", async () => {
+    await withServer({}, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.send('{"interaction_type":"ping_pong","timestamp":1e999}');
+      const pong = await retell.next((f) => f.response_type === "ping_pong", 1000);
+      assert.ok(Number.isFinite(pong.timestamp));
+      retell.close();
+    });
+  });
+
   test("answers a ping while a tool is running", async () => {
     const slowTool: Tool = {
       name: "slow_lookup",
@@ -433,6 +445,44 @@ describe("stateless prompt", () => {
       ]);
       retell.close();
     });
+  });
+
+  test("trimming a long call never parts a tool call from its result, and keeps the newest words", () => {
+    const long = "x".repeat(3_900);
+    const items = [
+      user("hi"),
+      { role: "tool_call_invocation", tool_call_id: "A", name: "check", arguments: JSON.stringify({ day: long }) },
+      { role: "tool_call_invocation", tool_call_id: "B", name: "check", arguments: "{}" },
+      { role: "tool_call_result", tool_call_id: "A", content: long },
+      { role: "tool_call_result", tool_call_id: "B", content: long },
+      ...Array.from({ length: 28 }, (_, i) => (i % 2 ? user(long) : agent(long))),
+      user("and on monday?"),
+    ];
+    const messages = toMessages(items);
+    assert.ok(messages.length < items.length, "the call was long enough to be trimmed");
+    const called = new Set<string>();
+    const answered = new Set<string>();
+    for (const m of messages) {
+      if (m.role === "tool_call") called.add(m.id);
+      if (m.role === "tool_result") {
+        assert.ok(called.has(m.id), `result ${m.id} without its call`);
+        answered.add(m.id);
+      }
+    }
+    assert.deepEqual([...called].filter((id) => !answered.has(id)), []);
+    assert.deepEqual(messages.at(-1), { role: "user", text: "and on monday?" });
+  });
+
+  test("a tool result of any size is clipped like an utterance, and the caller's question stays", () => {
+    const messages = toMessages([
+      user("is Tuesday free?"),
+      { role: "tool_call_invocation", tool_call_id: "C", name: "check", arguments: "{}" },
+      { role: "tool_call_result", tool_call_id: "C", content: "y".repeat(130_000) },
+      user("well?"),
+    ]);
+    assert.deepEqual(messages.map((m) => m.role), ["user", "tool_call", "tool_result", "user"]);
+    const result = messages[2] as { content: string };
+    assert.ok(result.content.length <= 4_001, `${result.content.length} characters`);
   });
 
   test("Claude messages alternate, start with the user, merge turns and drop empty ones", () => {
@@ -979,6 +1029,33 @@ describe("bad input", () => {
     });
   });
 
+  test("a caller utterance of many megabytes does not hold up pings more than a short one", {
+    timeout: 60_000,
+  }, async () => {
+    const brain = scripted(() => say("Sorry, could you say that again?"));
+    await withServer({ brain }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      const words = "a ".repeat(8_000_000);
+      // The pong after each frame shows how long the event loop was busy with it. The same
+      // bytes with the agent speaking last are the baseline, measured in the same run.
+      const pongAfter = async (id: number, transcript: unknown[]) => {
+        const started = Date.now();
+        retell.ask(id, transcript);
+        retell.send({ interaction_type: "ping_pong", timestamp: id });
+        await retell.next((f) => f.response_type === "ping_pong" && f.timestamp === id, 20_000);
+        const ms = Date.now() - started;
+        const done = (f: Frame) => f.response_id === id && f.content_complete === true;
+        if (!retell.frames.some(done)) await retell.next(done, 20_000);
+        return ms;
+      };
+      const baseline = await pongAfter(1, [user(words), agent("Sorry?")]);
+      const callerLast = await pongAfter(2, [agent("Sorry?"), user(words)]);
+      assert.ok(callerLast < baseline * 4 + 300, `${callerLast} ms against ${baseline} ms`);
+      retell.close();
+    });
+  });
+
   test("a malformed upgrade is refused without a server error", async () => {
     await withServer({}, async (port) => {
       const status = await upgradeStatus(port, "/llm-websocket/c1", "");
@@ -1286,6 +1363,58 @@ describe("OpenAI through the real SDK", () => {
     }
   });
 
+  test("a reply ends at its finish_reason even if the provider keeps the stream open", async () => {
+    const fake = await fakeProvider((res) => {
+      sse(res);
+      res.write(openaiChunk({ role: "assistant", content: "" }));
+      res.write(openaiChunk({ content: "We open at nine." }));
+      res.write(openaiChunk({}, "stop")); // and no [DONE]: the response stays open
+    });
+    try {
+      const logs = await captureLogs(() =>
+        withServer({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 1000 } }, async (port) => {
+          const retell = await Retell.connect(port);
+          await retell.opened();
+          retell.ask(1, [user("when do you open?")]);
+          assert.equal((await retell.reply(1, 900)).text, "We open at nine.");
+          retell.close();
+        })
+      );
+      assert.deepEqual(logs.filter((l) => l.event === "turn").map((t) => t.outcome), ["completed"]);
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("tool call ids longer than OpenAI's 40 characters are shortened, call and result alike", async () => {
+    const fake = await fakeProvider((res) => stream(res, [openaiChunk({ content: "Done." }), openaiChunk({}, "stop")]));
+    const longId = `toolu_${"z".repeat(60)}`;
+    try {
+      await withServer({ config: openaiConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        const transcript = [user("is Tuesday free?"), agent("It is."), user("thanks")];
+        retell.ask(1, transcript, {
+          transcript_with_tool_calls: [
+            transcript[0],
+            { role: "tool_call_invocation", tool_call_id: longId, name: "check", arguments: "{}" },
+            { role: "tool_call_result", tool_call_id: longId, content: '{"free":true}' },
+            ...transcript.slice(1),
+          ],
+        });
+        assert.equal((await retell.reply(1)).text, "Done.");
+        retell.close();
+      });
+      const messages = fake.requests[0].body.messages as Frame[];
+      const callId = (messages.find((m) => m.tool_calls) as { tool_calls: Frame[] }).tool_calls[0].id as string;
+      const resultId = messages.find((m) => m.role === "tool")!.tool_call_id as string;
+      assert.ok(callId.length <= 40, callId);
+      assert.equal(resultId, callId);
+    } finally {
+      await fake.close();
+    }
+  });
+
   test("a newer request cancels the older request's HTTP stream at once", async () => {
     const fake = await fakeProvider((res, _body, n) =>
       n === 1
@@ -1434,6 +1563,46 @@ describe("Claude through the real SDK", () => {
         assert.deepEqual(messages.map((m: Frame) => m.role), ["user", "assistant", "user"]);
         assert.deepEqual(messages[0].content.map((b: Frame) => b.text), ["hi", "is anyone there"]);
         assert.deepEqual(messages[1].content.map((b: Frame) => b.text), ["Yes!", "How can I help?"]);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("a stream of nothing but pings times out with the apology instead of holding the turn", async () => {
+    const fake = await fakeProvider(async (res) => {
+      sse(res);
+      res.write(textReply()[0]);
+      while (!res.destroyed) {
+        res.write(claudeEvent("ping"));
+        await sleep(50);
+      }
+    });
+    try {
+      await withServer({ config: { ...claudeConfig(fake), firstTokenTimeoutMs: 300 } }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("hello?")]);
+        assert.equal((await retell.reply(1, 2000)).text, PERSONA.apology);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("a reply ends at message_stop even if the provider keeps the stream open", async () => {
+    const fake = await fakeProvider((res) => {
+      sse(res);
+      for (const event of textReply("We open ", "at nine.")) res.write(event); // and the response stays open
+    });
+    try {
+      await withServer({ config: { ...claudeConfig(fake), firstTokenTimeoutMs: 1000 } }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("when do you open?")]);
+        assert.equal((await retell.reply(1, 900)).text, "We open at nine.");
         retell.close();
       });
     } finally {
