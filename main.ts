@@ -818,6 +818,8 @@ interface Deps {
   specs: ToolSpec[];
   persona: Persona;
   greeted: Set<string>;
+  /** The store shared by all instances, when there is one (STATE_URL). */
+  shared?: StateStore;
   once: OnceStore;
   /** Actions sent, by tool call id, so one the caller talked over can be sent again. */
   actions: Map<string, CallAction>;
@@ -946,6 +948,14 @@ interface Peer {
 }
 
 const GREETING_WAIT_MS = 1000;
+const GREETED_MS = 12 * 3600_000; // longer than any call
+const greetedKey = (callId: string) => `greeted:${callId}`;
+
+/** Whether another instance greeted this call (a reconnect); unknown counts as no. */
+function greetedElsewhere(shared: StateStore | undefined, callId: string): Promise<boolean> {
+  if (!shared) return Promise.resolve(false);
+  return withTimeout(shared.get(greetedKey(callId)), 500, "store").then((v) => v !== undefined, () => false);
+}
 const ONCE_TTL_MS = 6 * 60 * 60 * 1000;
 const MAX_BARGE_IN_WORDS = 5;
 const MAX_BARGE_IN_CHARS = 100;
@@ -961,6 +971,7 @@ class Call {
   private turn?: Turn;
   private latestId = -1;
   private greetTimer?: ReturnType<typeof setTimeout>;
+  private greetedBefore = Promise.resolve(false);
   private greetingDone = false;
   private settingsSent = false;
   private badFrames = 0;
@@ -978,12 +989,20 @@ class Call {
     this.deps.live.add(this);
     log("info", "call_open", { call_id: this.id, live_calls: this.deps.live.size });
     this.send(CONFIG_FRAME);
-    // UNCERTAIN in Retell's docs: whether a reconnect expects the greeting again. We send an
-    // empty id-0 response so the agent is not blocked and does not greet twice.
+    // UNCERTAIN in Retell's docs: whether a reconnect expects the greeting again. A call that
+    // this instance, or with STATE_URL any instance, greeted before gets an empty id-0
+    // response: Retell is not kept waiting and the caller does not hear the greeting twice.
+    // Nothing else says "reconnect": call_details carries the call as it was registered.
     if (this.deps.greeted.has(this.id)) return this.greet("");
+    this.greetedBefore = greetedElsewhere(this.deps.shared, this.id);
+    void this.greetedBefore.then((before) => before && this.greet(""));
     if (needsCallVariables(this.deps.persona.greeting)) {
-      this.greetTimer = setTimeout(() => this.greet(this.greeting()), GREETING_WAIT_MS);
-    } else this.greet(this.greeting());
+      this.greetTimer = setTimeout(() => this.greetNow(), GREETING_WAIT_MS);
+    } else this.greetNow();
+  }
+
+  private greetNow() {
+    void this.greetedBefore.then((before) => this.greet(before ? "" : this.greeting()));
   }
 
   closed(code: number) {
@@ -1035,8 +1054,7 @@ class Call {
     switch (frame.interaction_type) {
       case "call_details":
         this.vars = { ...readVars(frame.call?.retell_llm_dynamic_variables), call_id: this.id };
-        // A call already under way (a reconnect that reached another instance) is not greeted again.
-        return this.greet(frame.call?.call_status === "ongoing" ? "" : this.greeting());
+        return this.greetNow();
       case "update_only":
         return;
       default:
@@ -1059,6 +1077,7 @@ class Call {
     this.greetingDone = true;
     this.deps.greeted.add(this.id);
     if (this.deps.greeted.size > 10_000) this.deps.greeted.delete(this.deps.greeted.values().next().value!);
+    this.deps.shared?.setIfAbsent(greetedKey(this.id), "1", GREETED_MS).catch(() => {});
     this.send({ response_type: "response", response_id: 0, content: text, content_complete: true });
     this.sendAgentSettings();
   }
@@ -1555,6 +1574,7 @@ export function createApp(options: AppOptions = {}) {
     specs: toolSpecs(tools),
     persona: options.persona ?? PERSONA,
     greeted: new Set(),
+    shared: options.store,
     once: new OnceStore(options.store ?? new MemoryStore(), 3 * config.toolTimeoutMs),
     actions: new Map(),
     live: new Set(),

@@ -288,17 +288,45 @@ describe("opening", () => {
     });
   });
 
-  test("a call that call_details says is already ongoing is not greeted again", async () => {
+  test("call_details saying the call is ongoing still gets the greeting on a first connect", async () => {
     await withServer({ persona: PERSONA }, async (port) => {
-      const retell = await Retell.connect(port, "/llm-websocket/moved_here");
+      const retell = await Retell.connect(port, "/llm-websocket/first_time");
       await retell.next((f) => f.response_type === "config");
       retell.send({
         interaction_type: "call_details",
-        call: { call_status: "ongoing", retell_llm_dynamic_variables: {} },
+        call: { call_status: "ongoing", retell_llm_dynamic_variables: { customer_name: "Sam" } },
       });
       const greeting = await retell.next((f) => f.response_id === 0, 500);
-      assert.equal(greeting.content, "");
+      assert.match(greeting.content as string, /^Hi Sam!/);
       retell.close();
+    });
+  });
+
+  test("a call another instance greeted is not greeted again when it reconnects here", async () => {
+    const store = new MemoryStore(); // shared by both instances, as with STATE_URL
+    const details = {
+      interaction_type: "call_details",
+      call: { retell_llm_dynamic_variables: { customer_name: "Sam" } },
+    };
+    const greetingOf = async (port: number, callId: string) => {
+      const retell = await Retell.connect(port, `/llm-websocket/${callId}`);
+      await retell.next((f) => f.response_type === "config");
+      retell.send(details);
+      const greeting = await retell.next((f) => f.response_id === 0, 1500);
+      return { retell, text: greeting.content as string };
+    };
+    await withServer({ persona: PERSONA, store }, async (portA) => {
+      await withServer({ persona: PERSONA, store }, async (portB) => {
+        const first = await greetingOf(portA, "moved_call");
+        assert.match(first.text, /^Hi Sam!/);
+        first.retell.ws.close(3001);
+        const moved = await greetingOf(portB, "moved_call");
+        assert.equal(moved.text, "");
+        const fresh = await greetingOf(portB, "new_call");
+        assert.match(fresh.text, /^Hi Sam!/);
+        moved.retell.close();
+        fresh.retell.close();
+      });
     });
   });
 });
