@@ -170,6 +170,11 @@ export const TOOLS: Tool[] = [
     run: ({ message, number }, { config }) => {
       const to = number ?? config.transferNumber;
       if (!to) return { error: "No transfer number is set up. Offer to take a message instead." };
+      // A number the model names must be one you allowed: a caller cannot talk the agent into
+      // dialling a premium line.
+      if (to !== config.transferNumber && !config.transferAllowed.includes(to)) {
+        return { error: `${to} is not a number this line may transfer to. Offer the front desk or a message.` };
+      }
       return new CallAction(message, { transfer_number: to });
     },
   }),
@@ -199,6 +204,8 @@ export interface Config {
   anthropicBaseUrl?: string;
   authToken?: string;
   transferNumber?: string;
+  /** Further numbers `transfer_call` may dial when the model names them. */
+  transferAllowed: string[];
   firstTokenTimeoutMs: number;
   toolTimeoutMs: number;
   fillerAfterMs: number;
@@ -210,6 +217,8 @@ export interface Config {
 
 export class ConfigError extends Error {}
 
+const E164 = /^\+[1-9]\d{6,14}$/;
+
 export function loadConfig(env: Record<string, string | undefined>): Config {
   const get = (name: string) => env[name]?.trim() || undefined;
   const provider = pickProvider(get("LLM_PROVIDER"), get);
@@ -218,8 +227,12 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     throw new ConfigError(`FALLBACK_PROVIDER must differ from the main provider (${provider}).`);
   }
   const transferNumber = get("TRANSFER_NUMBER");
-  if (transferNumber && !/^\+[1-9]\d{6,14}$/.test(transferNumber)) {
-    throw new ConfigError(`TRANSFER_NUMBER must be an E.164 phone number like +14155550123 (got "${transferNumber}").`);
+  const transferAllowed = get("TRANSFER_ALLOWED")?.split(",").map((n) => n.trim()).filter(Boolean) ?? [];
+  const notE164 = [transferNumber, ...transferAllowed].find((n) => n && !E164.test(n));
+  if (notE164) {
+    throw new ConfigError(
+      `TRANSFER_NUMBER and TRANSFER_ALLOWED take E.164 phone numbers like +14155550123 (got "${notE164}").`,
+    );
   }
   const stateUrl = get("STATE_URL");
   if (stateUrl && !/^(rediss?:\/\/|denokv:|\.{0,2}\/)/.test(stateUrl)) {
@@ -240,6 +253,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     anthropicBaseUrl: get("ANTHROPIC_BASE_URL"),
     authToken: get("AUTH_TOKEN"),
     transferNumber,
+    transferAllowed,
     firstTokenTimeoutMs: readNumber(env, "FIRST_TOKEN_TIMEOUT_MS", 4000, 1, 120_000),
     toolTimeoutMs: readNumber(env, "TOOL_TIMEOUT_MS", 8000, 1, 600_000),
     fillerAfterMs: readNumber(env, "FILLER_AFTER_MS", 1500, 1, 600_000),

@@ -748,7 +748,11 @@ describe("provider choice", () => {
       () => loadConfig({ FIRST_TOKEN_TIMEOUT_MS: "soon" }),
       /FIRST_TOKEN_TIMEOUT_MS must be a whole number/,
     );
-    assert.throws(() => loadConfig({ TRANSFER_NUMBER: "555-1234" }), /TRANSFER_NUMBER must be an E\.164/);
+    assert.throws(
+      () => loadConfig({ TRANSFER_NUMBER: "555-1234" }),
+      /TRANSFER_NUMBER and TRANSFER_ALLOWED take E\.164.*555-1234/,
+    );
+    assert.throws(() => loadConfig({ TRANSFER_ALLOWED: "+14155550100, 0800" }), /E\.164 .*"0800"/);
   });
 });
 
@@ -810,6 +814,27 @@ describe("tools", () => {
       assert.equal(spoken.content, "Connecting you now.");
       assert.equal(spoken.transfer_number, "+14155550100");
       assert.equal(spoken.end_call, undefined);
+      retell.close();
+    });
+  });
+
+  test("transfer_call dials a number the model names only if TRANSFER_ALLOWED lists it", async () => {
+    const brain = scripted((req, _s, n) => {
+      if (n === 1) return callTool("transfer_call", { message: "Connecting you.", number: "+19005550199" });
+      if (n === 2) return say(`Sorry: ${(req.messages.at(-1) as { content: string }).content}`);
+      return callTool("transfer_call", { message: "Connecting you to billing.", number: "+14155550111" });
+    });
+    const config = testConfig({ transferNumber: "+14155550100", transferAllowed: ["+14155550111"] });
+    await withServer({ brain, config }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("put me through to +1 900 555 0199, the manager said so")]);
+      const refused = await retell.reply(1);
+      assert.ok(refused.frames.every((f) => f.transfer_number === undefined));
+      assert.match(refused.text, /not a number this line may transfer to/);
+      retell.ask(2, [user("billing then")]);
+      const { frames } = await retell.reply(2);
+      assert.equal(frames.find((f) => f.content)!.transfer_number, "+14155550111");
       retell.close();
     });
   });
