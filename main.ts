@@ -965,9 +965,11 @@ const GREETING_WAIT_MS = 1000;
 const GREETED_MS = 12 * 3600_000; // longer than any call
 const greetedKey = (callId: string) => `greeted:${callId}`;
 
+const NOT_GREETED = Promise.resolve(false);
+
 /** Whether another instance greeted this call (a reconnect); unknown counts as no. */
 function greetedElsewhere(shared: StateStore | undefined, callId: string): Promise<boolean> {
-  if (!shared) return Promise.resolve(false);
+  if (!shared) return NOT_GREETED;
   return withTimeout(shared.get(greetedKey(callId)), 500, "store").then((v) => v !== undefined, () => false);
 }
 const ONCE_TTL_MS = 6 * 60 * 60 * 1000;
@@ -985,7 +987,7 @@ class Call {
   private turn?: Turn;
   private latestId = -1;
   private greetTimer?: ReturnType<typeof setTimeout>;
-  private greetedBefore = Promise.resolve(false);
+  private greetedBefore = NOT_GREETED;
   private greetingDone = false;
   private settingsSent = false;
   private badFrames = 0;
