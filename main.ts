@@ -3,7 +3,8 @@
  * each call; this server answers with what the agent says, streamed from OpenAI (or any
  * OpenAI-compatible server) or Claude.
  *
- *   Deno: deno task start          (or: deno serve --allow-net --allow-env main.ts)
+ *   Deno: deno task start          (or deno serve --allow-net --allow-env main.ts, which
+ *                                   cannot drain live calls on SIGTERM)
  *   Bun:  bun run main.ts
  *
  * Then paste wss://<your-host>/llm-websocket into Retell's "Custom LLM URL".
@@ -917,9 +918,9 @@ class OnceStore {
 
   private async claimOrWait(key: string, act: () => Promise<ToolResult>, giveUp: number): Promise<ToolResult> {
     while (Date.now() < giveUp) {
-      const done = await this.safely(() => this.store.get(`${key}:result`));
+      const done = await this.safely(() => this.store.get(`${key}:result`), giveUp);
       if (done) return JSON.parse(done);
-      if (await this.safely(() => this.store.setIfAbsent(`${key}:claim`, "running", this.claimMs))) {
+      if (await this.safely(() => this.store.setIfAbsent(`${key}:claim`, "running", this.claimMs), giveUp)) {
         return await this.act(key, act);
       }
       await new Promise((resolve) => setTimeout(resolve, 50)); // another instance is running it
@@ -927,30 +928,32 @@ class OnceStore {
     throw new TimeoutError("it is still running elsewhere");
   }
 
+  // Every wait here has an end, so a hung store or a tool that ignores its abort signal
+  // cannot keep a run "running" (and a drain waiting) for ever. A run still going when its
+  // claim expires is given up here; the claim then lapses on its own.
   private async act(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
+    const release = () => withTimeout(this.store.delete(`${key}:claim`), STORE_WAIT_MS, "store").catch(() => {});
     let result: ToolResult;
     try {
-      result = await act();
+      result = await withTimeout(act(), this.claimMs, "it took too long");
     } catch (err) {
-      await this.store.delete(`${key}:claim`).catch(() => {});
+      if (!(err instanceof TimeoutError)) await release();
       throw err;
     }
-    if (!result.ok) await this.store.delete(`${key}:claim`).catch(() => {});
+    if (!result.ok) await release();
     else {
       // Done is done: the result is kept for repeats, and the claim is never released.
+      const keep = () => this.store.setIfAbsent(`${key}:result`, JSON.stringify(result), ONCE_TTL_MS);
       for (let attempt = 0; attempt < 3; attempt++) {
-        const kept = await this.store.setIfAbsent(`${key}:result`, JSON.stringify(result), ONCE_TTL_MS).catch(() =>
-          false
-        );
-        if (kept) break;
+        if (await withTimeout(keep(), STORE_WAIT_MS, "store").catch(() => false)) break;
       }
     }
     return result;
   }
 
-  private async safely<T>(op: () => Promise<T>): Promise<T> {
+  private async safely<T>(op: () => Promise<T>, giveUp: number): Promise<T> {
     try {
-      return await op();
+      return await withTimeout(op(), Math.max(1, Math.min(STORE_WAIT_MS, giveUp - Date.now())), "no answer");
     } catch (err) {
       throw new StoreDown(`the state store is unreachable (${errorText(err)})`);
     }
@@ -973,6 +976,7 @@ function greetedElsewhere(shared: StateStore | undefined, callId: string): Promi
   return withTimeout(shared.get(greetedKey(callId)), 500, "store").then((v) => v !== undefined, () => false);
 }
 const ONCE_TTL_MS = 6 * 60 * 60 * 1000;
+const STORE_WAIT_MS = 2000; // the longest one store operation may take
 const MAX_BARGE_IN_WORDS = 5;
 const MAX_BARGE_IN_CHARS = 100;
 const MAX_TOOL_ROUNDS = 4;
@@ -988,6 +992,7 @@ class Call {
   private latestId = -1;
   private greetTimer?: ReturnType<typeof setTimeout>;
   private greetedBefore = NOT_GREETED;
+  private ended = false;
   private greetingDone = false;
   private settingsSent = false;
   private badFrames = 0;
@@ -1022,6 +1027,7 @@ class Call {
   }
 
   closed(code: number) {
+    this.ended = true;
     this.stopGreetTimer();
     this.turn?.abort("closed");
     this.deps.live.delete(this);
@@ -1089,13 +1095,18 @@ class Call {
 
   private greet(text: string) {
     this.stopGreetTimer();
-    if (this.greetingDone) return;
+    if (this.greetingDone || this.ended) return;
+    this.send({ response_type: "response", response_id: 0, content: text, content_complete: true });
+    this.pastGreeting();
+    this.sendAgentSettings();
+  }
+
+  // Greeted, or the caller spoke first: either way a reconnect must not greet.
+  private pastGreeting() {
     this.greetingDone = true;
     this.deps.greeted.add(this.id);
     if (this.deps.greeted.size > 10_000) this.deps.greeted.delete(this.deps.greeted.values().next().value!);
     this.deps.shared?.setIfAbsent(greetedKey(this.id), "1", GREETED_MS).catch(() => {});
-    this.send({ response_type: "response", response_id: 0, content: text, content_complete: true });
-    this.sendAgentSettings();
   }
 
   // The persona's Retell agent settings go right after the begin message, so the opening
@@ -1113,7 +1124,7 @@ class Call {
     }
     this.latestId = frame.response_id;
     // A request means Retell is past the greeting; sending one now would be stale.
-    this.greetingDone = true;
+    if (!this.greetingDone) this.pastGreeting();
     this.stopGreetTimer();
     this.sendAgentSettings();
     const superseding = this.turn?.live;
@@ -1372,7 +1383,15 @@ class Turn {
   private async runTool(call: ToolCall, waits = false): Promise<ToolResult> {
     const { tools, config, once, actions } = this.call.deps;
     this.stats.tools.push(call.name);
-    this.send({ response_type: "tool_call_invocation", tool_call_id: call.id, name: call.name, arguments: call.args });
+    // The invocation and its result are the call's record of what ran, not words for Retell
+    // to say: they go out even after a newer request, so no later turn finds a call without
+    // its result (and tells the caller a booking that happened did not).
+    this.call.send({
+      response_type: "tool_call_invocation",
+      tool_call_id: call.id,
+      name: call.name,
+      arguments: call.args,
+    });
     const tool = tools.get(call.name);
     const stop = new AbortController();
     const superseded = () => stop.abort(this.signal.reason);
@@ -1385,10 +1404,7 @@ class Turn {
       }
       const args = tool.schema.safeParse(parseObject(call.args));
       if (!args.success) throw new Error(`bad arguments: ${z.prettifyError(args.error)}`);
-      // The once-key is a digest: short for any store, and the arguments stay out of it.
-      const key = tool.once
-        ? `once:${digest(`${this.call.id}\n${call.name}\n${canonical(args.data)}`).toString("hex").slice(0, 32)}`
-        : undefined;
+      const key = tool.once ? onceKey(this.call.id, call.name, args.data) : undefined;
       const ctx = { ...this.context(), signal: stop.signal, idempotencyKey: key };
       const act = () => invoke(tool, args.data, ctx);
       const pending = key ? once.run(key, act, config.toolTimeoutMs) : act();
@@ -1411,7 +1427,7 @@ class Turn {
     } finally {
       this.signal.removeEventListener("abort", superseded);
     }
-    this.send({
+    this.call.send({
       response_type: "tool_call_result",
       tool_call_id: call.id,
       content: result.content,
@@ -1424,6 +1440,10 @@ class Turn {
     return result;
   }
 }
+
+// The once-key is a digest: short for any store, and the arguments stay out of it.
+const onceKey = (callId: string, tool: string, args: unknown) =>
+  `once:${digest(`${callId}\n${tool}\n${canonical(args)}`).toString("hex").slice(0, 32)}`;
 
 const remember = <K, V>(map: Map<K, V>, key: K, value: V) => {
   map.set(key, value);
@@ -1481,14 +1501,22 @@ async function unfinishedAction(items: readonly (Item | null)[], deps: Deps, ctx
   if (action && half && spoken.includes(half)) return { tool: invocation.name!, action };
 }
 
-// After a reconnect to another instance the action is rebuilt from the recorded arguments.
+// After a reconnect to another instance, or while the first run is still going, the action
+// is rebuilt from the recorded arguments; a side-effect tool goes through the once store, so
+// this returns the first run's result instead of acting again.
 async function rebuildAction(invocation: Item, deps: Deps, ctx: ToolContext) {
   const tool = deps.tools.get(invocation.name ?? "")!;
   const args = tool.schema.safeParse(parseObject(invocation.arguments ?? "{}"));
   if (!args.success) return undefined;
-  const result = await withTimeout(invoke(tool, args.data, ctx), deps.config.toolTimeoutMs, "rebuild").catch(() =>
-    undefined
-  );
+  const key = tool.once ? onceKey(ctx.callId, tool.name, args.data) : undefined;
+  const act = () => invoke(tool, args.data, { ...ctx, idempotencyKey: key });
+  const { once, config } = deps;
+  const result = await withTimeout(
+    key ? once.run(key, act, config.toolTimeoutMs) : act(),
+    config.toolTimeoutMs,
+    "rebuild",
+  )
+    .catch(() => undefined);
   return result?.action;
 }
 
@@ -1811,5 +1839,8 @@ export default isBun ? {} : {
   onListen: ({ port }: { port: number }) => {
     servedByDeno = true;
     started(port);
+    log("warn", "no_drain", {
+      hint: "deno serve closes live calls itself on SIGTERM; run `deno task start` to let them finish first",
+    });
   },
 };

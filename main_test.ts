@@ -267,6 +267,38 @@ describe("opening", () => {
     });
   });
 
+  test("a caller who spoke before the greeting is not greeted after a reconnect", async () => {
+    const brain = scripted(() => say("Sure."));
+    await withServer({ brain, persona: { ...PERSONA, agentSettings: undefined } }, async (port) => {
+      const first = await Retell.connect(port, "/llm-websocket/spoke_first");
+      await first.next((f) => f.response_type === "config");
+      first.ask(1, [user("Hello? I need an appointment")]); // before call_details, before any greeting
+      await first.reply(1);
+      first.ws.close(3001);
+      const again = await Retell.connect(port, "/llm-websocket/spoke_first");
+      assert.equal((await again.opened()).content, "");
+      again.close();
+    });
+  });
+
+  test("a call dropped before its greeting went out is greeted when it reconnects", async () => {
+    class SlowStore extends MemoryStore {
+      override async get(key: string) {
+        await sleep(300);
+        return super.get(key);
+      }
+    }
+    await withServer({ store: new SlowStore() }, async (port) => {
+      const first = await Retell.connect(port, "/llm-websocket/dropped_early");
+      await first.next((f) => f.response_type === "config");
+      first.close(); // while the store is still asked whether the call was greeted elsewhere
+      await sleep(500);
+      const again = await Retell.connect(port, "/llm-websocket/dropped_early");
+      assert.equal((await again.opened()).content, "Hello, this is Ava.");
+      again.close();
+    });
+  });
+
   test("an empty greeting lets the caller speak first", async () => {
     await withServer({ persona: { ...PERSONA, greeting: "" } }, async (port) => {
       const retell = await Retell.connect(port);
@@ -1965,6 +1997,98 @@ describe("tools: once per call", () => {
       const free = JSON.parse((await retell.reply(3)).text);
       assert.deepEqual(free.open_times, ["09:00", "13:00", "15:30"]);
       retell.close();
+    });
+  });
+});
+
+describe("tools: once per call, under a barge-in", () => {
+  test("a side-effect action still running when the caller talks over it is not run again", async () => {
+    const runs: unknown[] = [];
+    const cancelAndEnd: Tool = {
+      name: "cancel_order",
+      description: "Cancel the order and end the call",
+      schema: z.object({ order: z.string() }),
+      once: true,
+      action: true,
+      run: async (args: unknown) => {
+        runs.push(args);
+        await sleep(300);
+        return new CallAction("Your order is cancelled. Goodbye!", { end_call: true });
+      },
+    };
+    const brain = scripted((_req, _s, n) =>
+      n === 1 ? callTool("cancel_order", { order: "A1" }, "call_c1") : say("Anything else?")
+    );
+    await withServer({ brain, tools: [cancelAndEnd] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("cancel order A1")]);
+      const invocation = await retell.next((f) => f.response_type === "tool_call_invocation");
+      const woven = { ...invocation, role: "tool_call_invocation", response_type: undefined };
+      retell.ask(2, [user("cancel order A1"), user("okay")], {
+        transcript_with_tool_calls: [user("cancel order A1"), woven, user("okay")],
+      });
+      await retell.reply(2);
+      await sleep(400);
+      assert.deepEqual(runs, [{ order: "A1" }]);
+      retell.close();
+    });
+  });
+
+  test("a tool's result is reported even when a newer request superseded its turn", async () => {
+    const order: Tool = {
+      name: "place_order",
+      description: "Place an order",
+      schema: z.object({ item: z.string() }),
+      once: true,
+      run: async () => (await sleep(200), { ordered: true }),
+    };
+    const brain = scripted((_req, _s, n) =>
+      n === 1 ? callTool("place_order", { item: "brush" }, "call_1") : say("Done.")
+    );
+    await withServer({ brain, tools: [order] }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("a brush please")]);
+      await retell.next((f) => f.response_type === "tool_call_invocation");
+      retell.ask(2, [user("a brush please"), user("and quickly")]);
+      await retell.reply(2);
+      const result = await retell.next((f) => f.response_type === "tool_call_result", 1000);
+      assert.equal(result.tool_call_id, "call_1");
+      assert.equal(result.successful, true);
+      retell.close();
+    });
+  });
+
+  test("a state store that stops answering is reported in time, and nothing is left running", async () => {
+    class StalledStore extends MemoryStore {
+      override get(_key: string) {
+        return new Promise<string | undefined>(() => {});
+      }
+    }
+    const order: Tool = {
+      name: "place_order",
+      description: "Place an order",
+      schema: z.object({ item: z.string() }),
+      once: true,
+      run: () => ({ ordered: true }),
+    };
+    const brain = scripted((req) =>
+      req.messages.at(-1)!.role === "tool_result"
+        ? say("Sorry, not right now.")
+        : callTool("place_order", { item: "x" })
+    );
+    const config = testConfig({ toolTimeoutMs: 200 });
+    await withServer({ brain, tools: [order], store: new StalledStore(), config }, async (port, server) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("order x")]);
+      assert.equal((await retell.reply(1)).text, "Sorry, not right now.");
+      const result = retell.frames.find((f) => f.response_type === "tool_call_result")!;
+      assert.match(result.content as string, /cannot be done right now/);
+      retell.close();
+      await sleep(300);
+      assert.equal(server.deps.once.busy, false);
     });
   });
 });
