@@ -836,7 +836,7 @@ interface Deps {
   /** The store shared by all instances, when there is one (STATE_URL). */
   shared?: StateStore;
   once: OnceStore;
-  /** Actions sent, by tool call id, so one the caller talked over can be sent again. */
+  /** Actions sent, by call and tool call id, so one the caller talked over can be sent again. */
   actions: Map<string, CallAction>;
   live: Set<Call>;
   metrics: Metrics;
@@ -1213,7 +1213,8 @@ class Turn {
     let outcome: Outcome;
     try {
       const due = await unfinishedAction(items, this.call.deps, this.context());
-      if (due) {
+      if (this.signal.aborted) outcome = "superseded"; // while an action was being rebuilt
+      else if (due) {
         this.stats.tools.push(due.tool);
         this.say("", true, due.action.flags);
         log("info", "action_reissued", { call_id: this.call.id, response_id: this.id, tool: due.tool });
@@ -1409,7 +1410,7 @@ class Turn {
       const act = () => invoke(tool, args.data, ctx);
       const pending = key ? once.run(key, act, config.toolTimeoutMs) : act();
       result = await withTimeout(pending, config.toolTimeoutMs, "it took too long");
-      if (result.action) remember(actions, call.id, result.action);
+      if (result.action) remember(actions, `${this.call.id}\n${call.id}`, result.action);
     } catch (err) {
       if (err instanceof TimeoutError) stop.abort(err);
       const unknown = err instanceof TimeoutError && tool?.once
@@ -1489,7 +1490,8 @@ async function unfinishedAction(items: readonly (Item | null)[], deps: Deps, ctx
   );
   const invocation = exchange[at];
   if (!invocation?.tool_call_id) return;
-  const action = deps.actions.get(invocation.tool_call_id) ?? await rebuildAction(invocation, deps, ctx);
+  const action = deps.actions.get(`${ctx.callId}\n${invocation.tool_call_id}`) ??
+    await rebuildAction(invocation, deps, ctx);
   const line = normalize(action?.message ?? "").split(" ");
   let said = "";
   for (const it of exchange.slice(at + 1)) {

@@ -2035,6 +2035,37 @@ describe("tools: once per call, under a barge-in", () => {
     });
   });
 
+  test("an action is re-issued only from its own call, even when another call used the same id", async () => {
+    const brain = scripted(() => callTool("transfer_call", { message: "Connecting you to the desk." }, "call_x"));
+    await withServer({ brain, config: testConfig({ transferNumber: "+14155550100" }) }, async (port) => {
+      const a = await Retell.connect(port, "/llm-websocket/call_a");
+      await a.opened();
+      a.ask(1, [user("a person please")]);
+      assert.equal((await a.reply(1)).frames.find((f) => f.content)!.transfer_number, "+14155550100");
+      a.close();
+      const b = await Retell.connect(port, "/llm-websocket/call_b");
+      await b.opened();
+      const goodbye = { message: "Bye now, take care!" };
+      b.ask(1, [agent("Bye now, take care!"), user("okay")], {
+        transcript_with_tool_calls: [
+          user("that's all"),
+          {
+            role: "tool_call_invocation",
+            tool_call_id: "call_x",
+            name: "end_call",
+            arguments: JSON.stringify(goodbye),
+          },
+          agent("Bye now, take care!"),
+          user("okay"),
+        ],
+      });
+      const { frames } = await b.reply(1);
+      assert.equal(frames.at(-1)!.end_call, true);
+      assert.ok(frames.every((f) => f.transfer_number === undefined));
+      b.close();
+    });
+  });
+
   test("a tool's result is reported even when a newer request superseded its turn", async () => {
     const order: Tool = {
       name: "place_order",
