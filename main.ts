@@ -421,7 +421,7 @@ function openaiBrain(config: Config): Brain {
         messages: toOpenAIMessages(system, messages),
         tools: tools.length ? tools.map((t) => ({ type: "function" as const, function: t })) : undefined,
       }, { signal }).asResponse();
-      const calls: { id: string; name: string; args: string }[] = [];
+      const calls = new ToolCalls();
       let finished = false;
       yield* wordsOf(response, () => finished, ({ data }) => {
         if (data === "[DONE]") {
@@ -433,17 +433,12 @@ function openaiBrain(config: Config): Brain {
         const delta = chunk.choices?.[0]?.delta;
         finished ||= Boolean(chunk.choices?.[0]?.finish_reason);
         for (const part of delta?.tool_calls ?? []) {
-          const call = calls[part.index ?? 0] ??= { id: "", name: "", args: "" };
-          if (part.id) call.id = part.id;
-          if (part.function?.name) call.name = part.function.name;
-          if (part.function?.arguments) call.args += part.function.arguments;
+          calls.add(part.index ?? 0, { id: part.id, name: part.function?.name, args: part.function?.arguments });
         }
         return delta?.content || (delta?.tool_calls?.length ? "" : undefined);
       });
       if (!finished && !signal.aborted) throw new Error("openai: the stream ended before the reply was finished");
-      for (const call of calls.filter(Boolean)) {
-        yield { type: "tool_call", id: call.id || newId("call"), name: call.name, args: call.args || "{}" };
-      }
+      yield* calls.done();
     },
   };
 }
@@ -489,7 +484,7 @@ function anthropicBrain(config: Config): Brain {
           }))
           : undefined,
       }, { signal }).asResponse();
-      const calls = new Map<number, { id: string; name: string; args: string; input: unknown }>();
+      const calls = new ToolCalls();
       let finished = false;
       yield* wordsOf(response, () => finished, (message) => {
         if (message.event === "ping") return;
@@ -501,23 +496,45 @@ function anthropicBrain(config: Config): Brain {
         if (event.type === "error") throw new Error(`anthropic: ${JSON.stringify(event.error)}`);
         if (event.type === "content_block_start" && event.content_block.type === "tool_use") {
           const { id, name, input } = event.content_block;
-          calls.set(event.index, { id, name, args: "", input });
+          calls.add(event.index, { id, name, input });
           return "";
         }
         if (event.type !== "content_block_delta") return;
         if (event.delta.type === "text_delta") return event.delta.text;
-        if (event.delta.type === "input_json_delta") {
-          const call = calls.get(event.index);
-          if (call) call.args += event.delta.partial_json;
-        }
+        if (event.delta.type === "input_json_delta") calls.add(event.index, { args: event.delta.partial_json });
         return "";
       });
       if (!finished && !signal.aborted) throw new Error("anthropic: the stream ended before the reply was finished");
-      for (const { id, name, args, input } of calls.values()) {
-        yield { type: "tool_call", id, name, args: args || JSON.stringify(input ?? {}) };
-      }
+      yield* calls.done();
     },
   };
+}
+
+// A reply's tool calls as they stream in, by the provider's index. Whatever the provider
+// sends, at most MAX_TOOL_CALLS are kept, with a bounded name and arguments: an odd or huge
+// index, a flood of calls or megabytes of arguments cost nothing. Arguments cut short no
+// longer parse, and the model is told its arguments were bad.
+class ToolCalls {
+  private readonly byIndex = new Map<unknown, { id: string; name: string; args: string; input?: unknown }>();
+
+  add(index: unknown, part: { id?: unknown; name?: unknown; args?: unknown; input?: unknown }) {
+    let call = this.byIndex.get(index);
+    if (!call) {
+      if (this.byIndex.size >= MAX_TOOL_CALLS) return;
+      this.byIndex.set(index, call = { id: "", name: "", args: "" });
+    }
+    if (typeof part.id === "string" && part.id) call.id = part.id.slice(0, 256);
+    if (typeof part.name === "string" && part.name) call.name = part.name.slice(0, 128);
+    if (typeof part.args === "string" && call.args.length < MAX_TOOL_ARGS) call.args += part.args;
+    if (part.input !== undefined) call.input = part.input;
+  }
+
+  *done(): Generator<BrainEvent> {
+    for (const { id, name, args, input } of this.byIndex.values()) {
+      const given = args || (input === undefined ? "" : JSON.stringify(input));
+      yield { type: "tool_call", id: id || newId("call"), name, args: given.slice(0, MAX_TOOL_ARGS) || "{}" };
+    }
+  }
 }
 
 // The SDKs make the request (auth, retries, HTTP errors); the stream is read here, with one
@@ -574,6 +591,7 @@ async function* serverSentEvents(response: Response): AsyncGenerator<ServerSentE
         if (message) batch.push(message);
       }
       buffer = buffer.slice(start);
+      if (buffer.length > MAX_EVENT_CHARS) throw new Error("the provider sent an event of over 4 MB");
       if (batch.length) yield batch;
     }
   } finally {
@@ -794,10 +812,30 @@ function trimToBudget(messages: Message[]): Message[] {
   if (tool(start) && tool(start - 1)) {
     let after = start;
     while (after < messages.length && tool(after)) after++;
-    if (after < messages.length) start = after;
-    else while (start > 0 && tool(start - 1)) start--;
+    if (after < messages.length) return messages.slice(after);
+    while (start > 0 && tool(start - 1)) start--;
+    return newestCalls(messages.slice(start));
   }
   return messages.slice(start);
+}
+
+// A run of tool calls and results too long for the budget keeps its newest calls that fit,
+// each with its result.
+function newestCalls(run: Message[]): Message[] {
+  const results = new Map<string, Message>();
+  for (const m of run) if (m.role === "tool_result") results.set(m.id, m);
+  const keep = new Set<Message>();
+  let total = 0;
+  for (let i = run.length - 1; i >= 0; i--) {
+    const call = run[i];
+    if (call.role !== "tool_call") continue;
+    const result = results.get(call.id);
+    total += size(call) + (result ? size(result) : 0);
+    if (total > MAX_PROMPT_CHARS && keep.size) break;
+    keep.add(call);
+    if (result) keep.add(result);
+  }
+  return run.filter((m) => keep.has(m));
 }
 
 const SLOT = /\{\{\s*([\w.-]+)\s*\}\}/g;
@@ -980,6 +1018,10 @@ const STORE_WAIT_MS = 2000; // the longest one store operation may take
 const MAX_BARGE_IN_WORDS = 5;
 const MAX_BARGE_IN_CHARS = 100;
 const MAX_TOOL_ROUNDS = 4;
+const MAX_TOOL_CALLS = 16; // per model reply
+const MAX_TOOL_ARGS = 32_000;
+const MAX_EVENT_CHARS = 4 * 1024 * 1024;
+const MAX_FRAME_CHARS = 16 * 1024 * 1024;
 const MAX_BAD_FRAME_LOGS = 20;
 const MAX_VARS = 100;
 
@@ -1050,6 +1092,8 @@ class Call {
 
   receive(data: unknown) {
     if (typeof data !== "string") return this.reject("binary frame");
+    // Far above any real call's transcript; parsing more would hold every other call up.
+    if (data.length > MAX_FRAME_CHARS) return this.reject("frame over 16 MB", data.length);
     let json: unknown;
     try {
       json = JSON.parse(data);
@@ -1329,7 +1373,9 @@ class Turn {
   }
 
   // Streams one model reply as response frames; returns its words and tool calls. A
-  // watchdog turns a slow first token, or a stream that stalls, into a TimeoutError.
+  // watchdog turns a slow first token, or a stream that stalls, into a TimeoutError, and so
+  // does a reply that goes on for 5× that limit without a word (only tool-call arguments or
+  // thinking trickling in): the caller is not left in silence for as long as it lasts.
   private async streamModel(brain: Brain, request: BrainRequest) {
     const limit = this.call.deps.config.firstTokenTimeoutMs;
     const model = new AbortController();
@@ -1337,12 +1383,17 @@ class Turn {
     this.signal.addEventListener("abort", stop);
     if (this.signal.aborted) stop();
     let last = performance.now();
+    let said = last;
     let timer: ReturnType<typeof setTimeout>;
     const watch = (ms: number) =>
       timer = setTimeout(() => {
-        const idle = performance.now() - last;
-        if (idle < limit) return watch(limit - idle);
-        model.abort(new TimeoutError(`${brain.provider} sent nothing for ${Math.round(idle)} ms`));
+        const now = performance.now();
+        const idle = now - last;
+        const wordless = now - said;
+        if (idle >= limit) model.abort(new TimeoutError(`${brain.provider} sent nothing for ${Math.round(idle)} ms`));
+        else if (wordless >= 5 * limit) {
+          model.abort(new TimeoutError(`${brain.provider} said no words for ${Math.round(wordless)} ms`));
+        } else watch(Math.min(limit - idle, 5 * limit - wordless));
       }, ms);
     watch(limit);
     let text = "";
@@ -1354,6 +1405,7 @@ class Turn {
         if (model.signal.aborted) break;
         last = performance.now();
         if (event.type === "text" && event.text) {
+          said = last;
           this.stats.ttft ??= last - this.started;
           this.stats.chars += event.text.length;
           text += event.text;

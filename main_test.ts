@@ -533,6 +533,25 @@ describe("stateless prompt", () => {
     assert.deepEqual(messages.at(-1), { role: "user", text: "and on monday?" });
   });
 
+  test("a transcript that is one huge run of tool calls keeps only its newest calls that fit", () => {
+    const items: { role: string; content?: string; tool_call_id?: string; name?: string; arguments?: string }[] = [
+      user("hi"),
+    ];
+    for (let i = 0; i < 500; i++) {
+      items.push({ role: "tool_call_invocation", tool_call_id: `c${i}`, name: "check", arguments: "x".repeat(1_000) });
+    }
+    for (let i = 0; i < 500; i++) {
+      items.push({ role: "tool_call_result", tool_call_id: `c${i}`, content: "y".repeat(1_000) });
+    }
+    const messages = toMessages(items);
+    const chars = messages.reduce((n, m) => n + ("text" in m ? m.text : "args" in m ? m.args : m.content).length, 0);
+    assert.ok(chars <= 120_000, `${chars} characters`);
+    const calls = messages.filter((m) => m.role === "tool_call").map((m) => m.id);
+    const results = messages.filter((m) => m.role === "tool_result").map((m) => m.id);
+    assert.deepEqual(results, calls);
+    assert.equal(calls.at(-1), "c499");
+  });
+
   test("a tool result of any size is clipped like an utterance, and the caller's question stays", () => {
     const messages = toMessages([
       user("is Tuesday free?"),
@@ -1141,6 +1160,24 @@ describe("bad input", () => {
     });
   });
 
+  test("a frame over 16 MB is dropped unread and the call goes on", async () => {
+    const brain = scripted(() => say("Still here."));
+    const logs = await captureLogs(() =>
+      withServer({ brain }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("z".repeat(17 * 1024 * 1024))]);
+        retell.send({ interaction_type: "ping_pong", timestamp: 7 });
+        await retell.next((f) => f.response_type === "ping_pong" && f.timestamp === 7, 10_000);
+        retell.ask(2, [user("hello?")]);
+        assert.equal((await retell.reply(2)).text, "Still here.");
+        assert.ok(!retell.frames.some((f) => f.response_id === 1));
+        retell.close();
+      })
+    );
+    assert.ok(logs.some((l) => l.event === "bad_frame" && /over 16 MB/.test(l.reason as string)));
+  });
+
   test("a malformed upgrade is refused without a server error", async () => {
     await withServer({}, async (port) => {
       const status = await upgradeStatus(port, "/llm-websocket/c1", "");
@@ -1495,6 +1532,87 @@ describe("OpenAI through the real SDK", () => {
       const resultId = messages.find((m) => m.role === "tool")!.tool_call_id as string;
       assert.ok(callId.length <= 40, callId);
       assert.equal(resultId, callId);
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("odd tool-call indexes, a flood of calls and huge names cost nothing, and at most 16 calls run", async () => {
+    const calls = [
+      { index: 4294967294, id: "call_far", function: { name: "opening_hours", arguments: '{"day":"monday"}' } },
+      { index: "__proto__", id: "call_proto", function: { name: "opening_hours", arguments: '{"day":"friday"}' } },
+      { index: 1, id: "call_long", function: { name: "n".repeat(1_000_000), arguments: "{}" } },
+      ...Array.from({ length: 2000 }, (_, i) => ({
+        index: i + 2,
+        id: `call_${i}`,
+        function: { name: "opening_hours", arguments: '{"day":"sunday"}' },
+      })),
+    ];
+    const fake = await fakeProvider((res, _body, n) =>
+      stream(
+        res,
+        n === 1
+          ? [openaiChunk({ tool_calls: calls }), openaiChunk({}, "tool_calls")]
+          : [openaiChunk({ content: "Done." }), openaiChunk({}, "stop")],
+      )
+    );
+    try {
+      await withServer({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("when are you open?")]);
+        assert.equal((await retell.reply(1, 5000)).text, "Done.");
+        const invoked = retell.frames.filter((f) => f.response_type === "tool_call_invocation");
+        assert.equal(invoked.length, 16);
+        assert.deepEqual(invoked.slice(0, 2).map((f) => f.tool_call_id), ["call_far", "call_proto"]);
+        assert.ok(invoked.every((f) => (f.name as string).length <= 128));
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("a reply that trickles tool-call arguments without a word is cut off with the apology", async () => {
+    const fake = await fakeProvider(async (res) => {
+      sse(res);
+      res.write(openaiChunk({ tool_calls: [{ index: 0, id: "call_1", function: { name: "opening_hours" } }] }));
+      while (!res.destroyed) {
+        res.write(openaiChunk({ tool_calls: [{ index: 0, function: { arguments: " " } }] }));
+        await sleep(30);
+      }
+    });
+    try {
+      await withServer({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 150 } }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        const started = Date.now();
+        retell.ask(1, [user("hello?")]);
+        assert.equal((await retell.reply(1, 3000)).text, PERSONA.apology);
+        assert.ok(Date.now() - started >= 700, "not before 5× the first-token limit");
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("a provider event of over 4 MB is an error spoken as the apology", async () => {
+    const fake = await fakeProvider(async (res) => {
+      sse(res);
+      for (let i = 0; i < 6 && !res.destroyed; i++) {
+        res.write(i ? "x".repeat(1024 * 1024) : "data: ");
+        await sleep(5);
+      }
+    });
+    try {
+      await withServer({ config: openaiConfig(fake) }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("hello?")]);
+        assert.equal((await retell.reply(1, 3000)).text, PERSONA.apology);
+        retell.close();
+      });
     } finally {
       await fake.close();
     }
