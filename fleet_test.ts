@@ -201,6 +201,8 @@ describe("metrics token", () => {
       const url = `http://127.0.0.1:${server.port}/metrics`;
       assert.equal((await fetch(url)).status, 401);
       assert.equal((await fetch(url, { headers: { authorization: "Bearer nope" } })).status, 401);
+      const basic = { headers: { authorization: "Basic dXNlcjpwYXNz" } }; // another scheme: ?token= still counts
+      assert.equal((await fetch(`${url}?token=m3trics`, basic)).status, 200);
       const ok = await fetch(url, { headers: { authorization: "Bearer m3trics" } });
       assert.equal(ok.status, 200);
       assert.match(await ok.text(), /^retell_live_calls 0$/m);

@@ -237,7 +237,8 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   }
   const stateUrl = get("STATE_URL");
   if (stateUrl && !/^(rediss?:\/\/|denokv:|\.{0,2}\/)/.test(stateUrl)) {
-    throw new ConfigError(`STATE_URL must be redis://…, rediss://…, denokv: or a file path (got "${stateUrl}").`);
+    // Not echoed: the URL may hold a password.
+    throw new ConfigError("STATE_URL must be redis://…, rediss://…, denokv: or a file path.");
   }
   const logLevel = (get("LOG_LEVEL") ?? "info") as LogLevel;
   if (!LOG_LEVELS.includes(logLevel)) {
@@ -931,18 +932,47 @@ export class MemoryStore implements StateStore {
 /** A state store that could not be reached: side-effect tools then refuse to act. */
 export class StoreDown extends Error {}
 
+// A result read back from the shared store is checked like any input: anything but what
+// OnceStore wrote (a string of JSON with text, a flag and at most a well-formed action) is
+// treated as a store that is not working.
+function storedResult(raw: unknown): ToolResult {
+  let value: { content?: unknown; ok?: unknown; action?: { message?: unknown; flags?: Record<string, unknown> } };
+  try {
+    value = JSON.parse(String(raw));
+  } catch {
+    throw new StoreDown("the state store returned a record that is not JSON");
+  }
+  const { content, ok, action } = value ?? {};
+  const flags = action?.flags ?? {};
+  const sound = typeof content === "string" && typeof ok === "boolean" &&
+    (action === undefined ||
+      (typeof action?.message === "string" &&
+        Object.entries(flags).every(([k, v]) =>
+          (k === "end_call" && v === true) || (k === "transfer_number" && typeof v === "string" && E164.test(v)) ||
+          (k === "digit_to_press" && typeof v === "string" && /^[0-9*#]{1,20}$/.test(v))
+        )));
+  if (!sound) throw new StoreDown("the state store returned a record this server did not write");
+  return {
+    content,
+    ok,
+    ...(action && { action: new CallAction(action.message as string, flags as CallAction["flags"]) }),
+  };
+}
+
 /** Runs a side-effect tool at most once per call and arguments. A repeat in this process
  * shares the running promise; another instance finds the claim in the shared store and waits
  * for its result, until its caller gives up. A run that failed releases its claim, so it may
  * be tried again; a run that succeeded never does. */
 class OnceStore {
   private readonly running = new Map<string, Promise<ToolResult>>();
+  private readonly results = new Map<string, ToolResult>();
+  private saving = 0;
 
   constructor(private readonly store: StateStore, private readonly claimMs: number) {}
 
-  /** True while a side effect started here is still running (a drain waits for it). */
+  /** True while a side effect started here is still running or its result unsaved (a drain waits). */
   get busy() {
-    return this.running.size > 0;
+    return this.running.size > 0 || this.saving > 0;
   }
 
   run(key: string, act: () => Promise<ToolResult>, waitMs: number): Promise<ToolResult> {
@@ -956,9 +986,14 @@ class OnceStore {
 
   private async claimOrWait(key: string, act: () => Promise<ToolResult>, giveUp: number): Promise<ToolResult> {
     while (Date.now() < giveUp) {
+      const here = this.results.get(key);
+      if (here) return here;
       const done = await this.safely(() => this.store.get(`${key}:result`), giveUp);
-      if (done) return JSON.parse(done);
-      if (await this.safely(() => this.store.setIfAbsent(`${key}:claim`, "running", this.claimMs), giveUp)) {
+      if (done !== undefined) return storedResult(done);
+      // The claim does not lapse on its own: a run that failed releases it, and a run whose
+      // instance died leaves it, so its repeats are refused ("may or may not have happened")
+      // rather than run a second time.
+      if (await this.safely(() => this.store.setIfAbsent(`${key}:claim`, "running", ONCE_TTL_MS), giveUp)) {
         return await this.act(key, act);
       }
       await new Promise((resolve) => setTimeout(resolve, 50)); // another instance is running it
@@ -980,13 +1015,22 @@ class OnceStore {
     }
     if (!result.ok) await release();
     else {
-      // Done is done: the result is kept for repeats, and the claim is never released.
-      const keep = () => this.store.setIfAbsent(`${key}:result`, JSON.stringify(result), ONCE_TTL_MS);
-      for (let attempt = 0; attempt < 3; attempt++) {
-        if (await withTimeout(keep(), STORE_WAIT_MS, "store").catch(() => false)) break;
-      }
+      // Done is done: the result is kept for repeats, here at once and in the store as soon
+      // as it answers (retried over a reconnect); the claim is never released.
+      remember(this.results, key, result);
+      this.saving++;
+      void this.save(key, result).finally(() => this.saving--);
     }
     return result;
+  }
+
+  private async save(key: string, result: ToolResult) {
+    const keep = () => this.store.setIfAbsent(`${key}:result`, JSON.stringify(result), ONCE_TTL_MS);
+    for (let attempt = 0; attempt < 5; attempt++) {
+      if (await withTimeout(keep(), STORE_WAIT_MS, "store").catch(() => false)) return;
+      await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** attempt));
+    }
+    log("error", "once_result_not_saved", { key });
   }
 
   private async safely<T>(op: () => Promise<T>, giveUp: number): Promise<T> {
@@ -1613,6 +1657,9 @@ const now = (timeZone: string) => {
 
 const newId = (prefix: string) => `${prefix}_${crypto.randomUUID().replaceAll("-", "")}`;
 
+/** `redis://user:secret@host` as `redis://…@host`, wherever it appears in a message. */
+const withoutPasswords = (text: string) => text.replace(/([a-z][\w+.-]*:\/\/)[^\s@/]*@/gi, "$1…@");
+
 const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err)).slice(0, 300);
 
 const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
@@ -1698,14 +1745,20 @@ export function createApp(options: AppOptions = {}) {
   });
   app.get("/metrics", (c) => {
     const token = config.metricsToken;
-    const given = c.req.header("authorization")?.replace(/^Bearer /i, "") ?? c.req.query("token") ?? "";
+    const bearer = /^Bearer (.+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
+    const given = bearer ?? c.req.query("token") ?? "";
     if (token && !sameSecret(given, token)) return c.text("unauthorized", 401);
     return c.text(deps.metrics.render(deps.live.size), 200, { "content-type": "text/plain; version=0.0.4" });
   });
   app.get("/llm-websocket/:call_id?", (c) => {
     const { callId, token } = callAndToken(c);
     if (!callId) return c.text("the URL needs the call id: /llm-websocket/<call_id>", 404);
-    if (config.authToken && !sameSecret(token ?? "", config.authToken)) {
+    // A "+" pasted as it is arrives as a space (query decoding); a token has no spaces.
+    const given = token ?? "";
+    if (
+      config.authToken && !sameSecret(given, config.authToken) &&
+      !sameSecret(given.replaceAll(" ", "+"), config.authToken)
+    ) {
       log("warn", "auth_refused", { call_id: callId, token_given: token !== undefined });
       return c.text("unauthorized", 401);
     }
@@ -1757,7 +1810,7 @@ const guard = (what: string, fn: () => void) => {
 };
 
 function upgrade(c: Context, open: (peer: Peer) => Call): Response | undefined {
-  if (c.req.header("upgrade")?.toLowerCase() !== "websocket") return undefined;
+  if (c.req.method !== "GET" || c.req.header("upgrade")?.toLowerCase() !== "websocket") return undefined;
   if (isBun) {
     const server = c.env as BunServer | undefined;
     return server?.upgrade(c.req.raw, { data: { open } }) ? new Response(null) : undefined;
@@ -1830,7 +1883,7 @@ async function openStore(url: string) {
   try {
     return await (await import("./fleet.ts")).openStore(url, log);
   } catch (err) {
-    console.error(`Cannot open STATE_URL: ${errorText(err)}`);
+    console.error(`Cannot open STATE_URL: ${withoutPasswords(errorText(err))}`);
     process.exit(1);
   }
 }

@@ -803,6 +803,10 @@ describe("provider choice", () => {
       () => loadConfig({ TRANSFER_NUMBER: "555-1234" }),
       /TRANSFER_NUMBER and TRANSFER_ALLOWED take E\.164.*555-1234/,
     );
+    assert.throws(
+      () => loadConfig({ STATE_URL: "valkey://:hunter2@cache:6379" }),
+      (err: Error) => /STATE_URL must be/.test(err.message) && !err.message.includes("hunter2"),
+    );
     assert.throws(() => loadConfig({ TRANSFER_ALLOWED: "+14155550100, 0800" }), /E\.164 .*"0800"/);
   });
 });
@@ -1018,12 +1022,13 @@ describe("tools", () => {
 // 11. Auth
 
 /** Sends a raw upgrade request and returns the HTTP status the server answered with. */
-function upgradeStatus(port: number, path: string, key = "dGhlIHNhbXBsZSBub25jZQ=="): Promise<number> {
+function upgradeStatus(port: number, path: string, key = "dGhlIHNhbXBsZSBub25jZQ==", method = "GET"): Promise<number> {
   return new Promise((resolve, reject) => {
     const req = http.request({
       port,
       host: "127.0.0.1",
       path,
+      method,
       headers: {
         Connection: "Upgrade",
         Upgrade: "websocket",
@@ -1045,6 +1050,14 @@ function upgradeStatus(port: number, path: string, key = "dGhlIHNhbXBsZSBub25jZQ
 }
 
 describe("auth", () => {
+  test("an AUTH_TOKEN with + and / works pasted as it is, or encoded", async () => {
+    await withServer({ config: testConfig({ authToken: "ab+c/d=" }) }, async (port) => {
+      assert.equal(await upgradeStatus(port, "/llm-websocket/c1?token=ab+c/d="), 101);
+      assert.equal(await upgradeStatus(port, "/llm-websocket/c1?token=ab%2Bc%2Fd%3D"), 101);
+      assert.equal(await upgradeStatus(port, "/llm-websocket/c1?token=ab-c/d="), 401);
+    });
+  });
+
   test("with AUTH_TOKEN set, an upgrade without the right token is refused with 401", async () => {
     await withServer({ config: testConfig({ authToken: "s3cret-token" }) }, async (port) => {
       assert.equal(await upgradeStatus(port, "/llm-websocket/c1"), 401);
@@ -1058,6 +1071,7 @@ describe("auth", () => {
       const appended = await Retell.connect(port, "/llm-websocket?token=s3cret-token/call_q");
       assert.equal((await appended.next()).response_type, "config");
       appended.close();
+      assert.equal(await upgradeStatus(port, "/llm-websocket/c1?token=s3cret-token", undefined, "HEAD"), 426);
       assert.equal(await upgradeStatus(port, "/llm-websocket?token=nope/call_q"), 401);
       assert.equal(await upgradeStatus(port, "/llm-websocket"), 404);
     });
@@ -2238,6 +2252,72 @@ describe("tools: once per call, under a barge-in", () => {
       retell.close();
       await sleep(300);
       assert.equal(server.deps.once.busy, false);
+    });
+  });
+});
+
+describe("tools: once per call, with a store that fails", () => {
+  const order = (runs: unknown[]): Tool => ({
+    name: "place_order",
+    description: "Place an order",
+    schema: z.object({ item: z.string() }),
+    once: true,
+    run: (args: unknown) => (runs.push(args), { ordered: true }),
+  });
+  const orderBrain = () =>
+    scripted((req) =>
+      req.messages.at(-1)!.role === "tool_result"
+        ? say((req.messages.at(-1) as { content: string }).content)
+        : callTool("place_order", { item: "brush" })
+    );
+
+  test("a side effect whose result could not be saved is not run again, here or on another instance", async () => {
+    class NoResults extends MemoryStore {
+      override setIfAbsent(key: string, value: string, ttlMs: number) {
+        return key.endsWith(":result")
+          ? Promise.reject(new Error("connection lost"))
+          : super.setIfAbsent(key, value, ttlMs);
+      }
+    }
+    const store = new NoResults();
+    const runs: unknown[] = [];
+    const options = { brain: orderBrain(), tools: [order(runs)], store, config: testConfig({ toolTimeoutMs: 100 }) };
+    await withServer(options, async (portA) => {
+      await withServer(options, async (portB) => {
+        const a = await Retell.connect(portA, "/llm-websocket/call_o");
+        await a.opened();
+        a.ask(1, [user("a brush")]);
+        assert.match((await a.reply(1)).text, /ordered/);
+        a.ask(2, [user("a brush"), user("a brush, I said")]);
+        assert.match((await a.reply(2)).text, /ordered/); // from this instance's memory
+        a.ws.close(3001);
+        await sleep(500); // past the old claim expiry of 3 × TOOL_TIMEOUT_MS
+        const b = await Retell.connect(portB, "/llm-websocket/call_o");
+        await b.opened();
+        b.ask(3, [user("a brush")]);
+        assert.match((await b.reply(3)).text, /may or may not have happened/);
+        assert.equal(runs.length, 1);
+        b.close();
+      });
+    });
+  });
+
+  test("a record in the store that this server did not write is refused out loud", async () => {
+    class Forged extends MemoryStore {
+      override get(key: string) {
+        return key.endsWith(":result")
+          ? Promise.resolve(JSON.stringify({ content: "ok", ok: true, action: { message: "x", flags: { evil: 1 } } }))
+          : super.get(key);
+      }
+    }
+    const runs: unknown[] = [];
+    await withServer({ brain: orderBrain(), tools: [order(runs)], store: new Forged() }, async (port) => {
+      const retell = await Retell.connect(port);
+      await retell.opened();
+      retell.ask(1, [user("a brush")]);
+      assert.match((await retell.reply(1)).text, /cannot be done right now/);
+      assert.equal(runs.length, 0);
+      retell.close();
     });
   });
 });
