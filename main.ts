@@ -436,7 +436,10 @@ function openaiBrain(config: Config): Brain {
         for (const part of delta?.tool_calls ?? []) {
           calls.add(part.index ?? 0, { id: part.id, name: part.function?.name, args: part.function?.arguments });
         }
-        return delta?.content || (delta?.tool_calls?.length ? "" : undefined);
+        // Reasoning that OpenAI-compatible servers stream before the words is progress too.
+        const thinking = delta as { reasoning_content?: unknown; reasoning?: unknown } | undefined;
+        const busy = delta?.tool_calls?.length || thinking?.reasoning_content || thinking?.reasoning;
+        return delta?.content || (busy ? "" : undefined);
       });
       if (!finished && !signal.aborted) throw new Error("openai: the stream ended before the reply was finished");
       yield* calls.done();
@@ -515,23 +518,28 @@ function anthropicBrain(config: Config): Brain {
 // sends, at most MAX_TOOL_CALLS are kept, with a bounded name and arguments: an odd or huge
 // index, a flood of calls or megabytes of arguments cost nothing. Arguments cut short no
 // longer parse, and the model is told its arguments were bad.
+// A part with a new id at the same index is a new call (some OpenAI-compatible servers send
+// no index, or 0 for every call).
 class ToolCalls {
-  private readonly byIndex = new Map<unknown, { id: string; name: string; args: string; input?: unknown }>();
+  private readonly calls: { id: string; name: string; args: string; input?: unknown }[] = [];
+  private readonly byIndex = new Map<unknown, ToolCalls["calls"][number]>();
 
   add(index: unknown, part: { id?: unknown; name?: unknown; args?: unknown; input?: unknown }) {
     let call = this.byIndex.get(index);
-    if (!call) {
-      if (this.byIndex.size >= MAX_TOOL_CALLS) return;
-      this.byIndex.set(index, call = { id: "", name: "", args: "" });
+    const id = typeof part.id === "string" ? part.id.slice(0, 256) : "";
+    if (!call || (id && call.id && id !== call.id)) {
+      if (this.calls.length >= MAX_TOOL_CALLS) return;
+      this.calls.push(call = { id: "", name: "", args: "" });
+      this.byIndex.set(index, call);
     }
-    if (typeof part.id === "string" && part.id) call.id = part.id.slice(0, 256);
+    if (id) call.id = id;
     if (typeof part.name === "string" && part.name) call.name = part.name.slice(0, 128);
     if (typeof part.args === "string" && call.args.length < MAX_TOOL_ARGS) call.args += part.args;
     if (part.input !== undefined) call.input = part.input;
   }
 
   *done(): Generator<BrainEvent> {
-    for (const { id, name, args, input } of this.byIndex.values()) {
+    for (const { id, name, args, input } of this.calls) {
       const given = args || (input === undefined ? "" : JSON.stringify(input));
       yield { type: "tool_call", id: id || newId("call"), name, args: given.slice(0, MAX_TOOL_ARGS) || "{}" };
     }
@@ -1027,7 +1035,9 @@ class OnceStore {
   private async save(key: string, result: ToolResult) {
     const keep = () => this.store.setIfAbsent(`${key}:result`, JSON.stringify(result), ONCE_TTL_MS);
     for (let attempt = 0; attempt < 5; attempt++) {
-      if (await withTimeout(keep(), STORE_WAIT_MS, "store").catch(() => false)) return;
+      // Already there is saved too: only the holder of the claim writes this record, so it is
+      // an earlier attempt whose answer was lost.
+      if (await withTimeout(keep(), STORE_WAIT_MS, "store").then(() => true, () => false)) return;
       await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** attempt));
     }
     log("error", "once_result_not_saved", { key });

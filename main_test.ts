@@ -1587,6 +1587,61 @@ describe("OpenAI through the real SDK", () => {
     }
   });
 
+  test("parallel tool calls sent without an index (some compatible servers) stay two calls", async () => {
+    const fake = await fakeProvider((res, _body, n) =>
+      stream(
+        res,
+        n === 1
+          ? [
+            openaiChunk({
+              tool_calls: [
+                { id: "call_A", function: { name: "opening_hours", arguments: '{"day":"monday"}' } },
+                { id: "call_B", function: { name: "opening_hours", arguments: '{"day":"tuesday"}' } },
+              ],
+            }),
+            openaiChunk({}, "tool_calls"),
+          ]
+          : [openaiChunk({ content: "Nine and ten." }), openaiChunk({}, "stop")],
+      )
+    );
+    try {
+      await withServer({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("monday and tuesday?")]);
+        assert.equal((await retell.reply(1)).text, "Nine and ten.");
+        const results = retell.frames.filter((f) => f.response_type === "tool_call_result");
+        assert.deepEqual(results.map((f) => [f.tool_call_id, f.successful]), [["call_A", true], ["call_B", true]]);
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("reasoning streamed before the words (reasoning_content) is progress, not silence", async () => {
+    const fake = await fakeProvider(async (res) => {
+      sse(res);
+      for (let i = 0; i < 10 && !res.destroyed; i++) {
+        res.write(openaiChunk({ reasoning_content: "thinking… " }));
+        await sleep(100);
+      }
+      res.write(openaiChunk({ content: "We open at nine." }));
+      res.end(openaiChunk({}, "stop"));
+    });
+    try {
+      await withServer({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 400 } }, async (port) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("when do you open?")]);
+        assert.equal((await retell.reply(1, 3000)).text, "We open at nine.");
+        retell.close();
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
   test("a reply that trickles tool-call arguments without a word is cut off with the apology", async () => {
     const fake = await fakeProvider(async (res) => {
       sse(res);
@@ -2300,6 +2355,29 @@ describe("tools: once per call, with a store that fails", () => {
         b.close();
       });
     });
+  });
+
+  test("a result saved whose answer was lost counts as saved: no alarm, nothing left busy", async () => {
+    class LostAnswer extends MemoryStore {
+      override async setIfAbsent(key: string, value: string, ttlMs: number) {
+        const set = await super.setIfAbsent(key, value, ttlMs);
+        if (set && key.endsWith(":result")) throw new Error("connection reset"); // written, answer lost
+        return set;
+      }
+    }
+    const runs: unknown[] = [];
+    const logs = await captureLogs(() =>
+      withServer({ brain: orderBrain(), tools: [order(runs)], store: new LostAnswer() }, async (port, server) => {
+        const retell = await Retell.connect(port);
+        await retell.opened();
+        retell.ask(1, [user("a brush")]);
+        assert.match((await retell.reply(1)).text, /ordered/);
+        await sleep(300);
+        assert.equal(server.deps.once.busy, false);
+        retell.close();
+      })
+    );
+    assert.ok(!logs.some((l) => l.event === "once_result_not_saved"));
   });
 
   test("a record in the store that this server did not write is refused out loud", async () => {
