@@ -133,6 +133,8 @@ function book(date: string, time: string, name: string) {
 }
 
 const DATE = z.string().regex(/^\d{4}-\d{2}-\d{2}$/).describe("The day, as YYYY-MM-DD");
+const E164 = /^\+[1-9]\d{6,14}$/;
+const KEYS = /^[0-9*#]{1,20}$/;
 
 export const TOOLS: Tool[] = [
   tool({
@@ -164,7 +166,7 @@ export const TOOLS: Tool[] = [
     description: "Transfer the caller to a person at the clinic, when they ask for one or you cannot help.",
     schema: z.object({
       message: z.string().describe("A short line to say before transferring, e.g. 'Connecting you now.'"),
-      number: z.string().regex(/^\+[1-9]\d{6,14}$/).optional()
+      number: z.string().regex(E164).optional()
         .describe("E.164 number to transfer to; leave it out for the front desk"),
     }),
     action: true,
@@ -183,7 +185,7 @@ export const TOOLS: Tool[] = [
     name: "press_digit",
     description: "Press phone keys, to get through an automated phone menu (IVR).",
     schema: z.object({
-      digits: z.string().regex(/^[0-9*#]{1,20}$/).describe("The keys to press, e.g. '2' or '1234#'"),
+      digits: z.string().regex(KEYS).describe("The keys to press, e.g. '2' or '1234#'"),
     }),
     action: true,
     run: ({ digits }) => new CallAction("", { digit_to_press: digits }),
@@ -217,8 +219,6 @@ export interface Config {
 }
 
 export class ConfigError extends Error {}
-
-const E164 = /^\+[1-9]\d{6,14}$/;
 
 export function loadConfig(env: Record<string, string | undefined>): Config {
   const get = (name: string) => env[name]?.trim() || undefined;
@@ -517,9 +517,8 @@ function anthropicBrain(config: Config): Brain {
 // A reply's tool calls as they stream in, by the provider's index. Whatever the provider
 // sends, at most MAX_TOOL_CALLS are kept, with a bounded name and arguments: an odd or huge
 // index, a flood of calls or megabytes of arguments cost nothing. Arguments cut short no
-// longer parse, and the model is told its arguments were bad.
-// A part with a new id at the same index is a new call (some OpenAI-compatible servers send
-// no index, or 0 for every call).
+// longer parse, and the model is told its arguments were bad. A part with a new id at the
+// same index is a new call (some OpenAI-compatible servers send no index, or 0 for every call).
 class ToolCalls {
   private readonly calls: { id: string; name: string; args: string; input?: unknown }[] = [];
   private readonly byIndex = new Map<unknown, ToolCalls["calls"][number]>();
@@ -941,30 +940,32 @@ export class MemoryStore implements StateStore {
 export class StoreDown extends Error {}
 
 // A result read back from the shared store is checked like any input: anything but what
-// OnceStore wrote (a string of JSON with text, a flag and at most a well-formed action) is
-// treated as a store that is not working.
+// OnceStore wrote (text, a flag and at most a well-formed action) is treated as a store that
+// is not working.
+const StoredResult = z.object({
+  content: z.string(),
+  ok: z.boolean(),
+  action: z.object({
+    message: z.string(),
+    flags: z.strictObject({
+      end_call: z.literal(true).optional(),
+      transfer_number: z.string().regex(E164).optional(),
+      digit_to_press: z.string().regex(KEYS).optional(),
+    }).nullish().transform((flags) => flags ?? {}),
+  }).optional(),
+});
+
 function storedResult(raw: unknown): ToolResult {
-  let value: { content?: unknown; ok?: unknown; action?: { message?: unknown; flags?: Record<string, unknown> } };
+  let json: unknown;
   try {
-    value = JSON.parse(String(raw));
+    json = JSON.parse(String(raw));
   } catch {
     throw new StoreDown("the state store returned a record that is not JSON");
   }
-  const { content, ok, action } = value ?? {};
-  const flags = action?.flags ?? {};
-  const sound = typeof content === "string" && typeof ok === "boolean" &&
-    (action === undefined ||
-      (typeof action?.message === "string" &&
-        Object.entries(flags).every(([k, v]) =>
-          (k === "end_call" && v === true) || (k === "transfer_number" && typeof v === "string" && E164.test(v)) ||
-          (k === "digit_to_press" && typeof v === "string" && /^[0-9*#]{1,20}$/.test(v))
-        )));
-  if (!sound) throw new StoreDown("the state store returned a record this server did not write");
-  return {
-    content,
-    ok,
-    ...(action && { action: new CallAction(action.message as string, flags as CallAction["flags"]) }),
-  };
+  const parsed = StoredResult.safeParse(json);
+  if (!parsed.success) throw new StoreDown("the state store returned a record this server did not write");
+  const { content, ok, action } = parsed.data;
+  return { content, ok, ...(action && { action: new CallAction(action.message, action.flags) }) };
 }
 
 /** Runs a side-effect tool at most once per call and arguments. A repeat in this process
@@ -1010,8 +1011,8 @@ class OnceStore {
   }
 
   // Every wait here has an end, so a hung store or a tool that ignores its abort signal
-  // cannot keep a run "running" (and a drain waiting) for ever. A run still going when its
-  // claim expires is given up here; the claim then lapses on its own.
+  // cannot keep a run "running" (and a drain waiting) for ever. A run given up this way keeps
+  // its claim: repeats are told the outcome is unknown.
   private async act(key: string, act: () => Promise<ToolResult>): Promise<ToolResult> {
     const release = () => withTimeout(this.store.delete(`${key}:claim`), STORE_WAIT_MS, "store").catch(() => {});
     let result: ToolResult;
@@ -1058,15 +1059,6 @@ interface Peer {
 
 const GREETING_WAIT_MS = 1000;
 const GREETED_MS = 12 * 3600_000; // longer than any call
-const greetedKey = (callId: string) => `greeted:${callId}`;
-
-const NOT_GREETED = Promise.resolve(false);
-
-/** Whether another instance greeted this call (a reconnect); unknown counts as no. */
-function greetedElsewhere(shared: StateStore | undefined, callId: string): Promise<boolean> {
-  if (!shared) return NOT_GREETED;
-  return withTimeout(shared.get(greetedKey(callId)), 500, "store").then((v) => v !== undefined, () => false);
-}
 const ONCE_TTL_MS = 6 * 60 * 60 * 1000;
 const STORE_WAIT_MS = 2000; // the longest one store operation may take
 const MAX_BARGE_IN_WORDS = 5;
@@ -1080,6 +1072,15 @@ const MAX_BAD_FRAME_LOGS = 20;
 const MAX_VARS = 100;
 
 class TimeoutError extends Error {}
+
+const greetedKey = (callId: string) => `greeted:${callId}`;
+const NOT_GREETED = Promise.resolve(false);
+
+/** Whether another instance greeted this call (a reconnect); unknown counts as no. */
+function greetedElsewhere(shared: StateStore | undefined, callId: string): Promise<boolean> {
+  if (!shared) return NOT_GREETED;
+  return withTimeout(shared.get(greetedKey(callId)), 500, "store").then((v) => v !== undefined, () => false);
+}
 
 /** One Retell connection. A reconnect is a new Call with the same id. */
 class Call {
@@ -1488,7 +1489,7 @@ class Turn {
   // can talk about. Side-effect tools go through the once-per-call store and are not
   // stopped by a newer request; any tool is told to stop when it runs out of time.
   private async runTool(call: ToolCall, waits = false): Promise<ToolResult> {
-    const { tools, config, once, actions } = this.call.deps;
+    const { tools, actions } = this.call.deps;
     this.stats.tools.push(call.name);
     // The invocation and its result are the call's record of what ran, not words for Retell
     // to say: they go out even after a newer request, so no later turn finds a call without
@@ -1511,11 +1512,7 @@ class Turn {
       }
       const args = tool.schema.safeParse(parseObject(call.args));
       if (!args.success) throw new Error(`bad arguments: ${z.prettifyError(args.error)}`);
-      const key = tool.once ? onceKey(this.call.id, call.name, args.data) : undefined;
-      const ctx = { ...this.context(), signal: stop.signal, idempotencyKey: key };
-      const act = () => invoke(tool, args.data, ctx);
-      const pending = key ? once.run(key, act, config.toolTimeoutMs) : act();
-      result = await withTimeout(pending, config.toolTimeoutMs, "it took too long");
+      result = await runOnce(tool, args.data, { ...this.context(), signal: stop.signal }, this.call.deps);
       if (result.action) remember(actions, `${this.call.id}\n${call.id}`, result.action);
     } catch (err) {
       if (err instanceof TimeoutError) stop.abort(err);
@@ -1548,9 +1545,17 @@ class Turn {
   }
 }
 
-// The once-key is a digest: short for any store, and the arguments stay out of it.
-const onceKey = (callId: string, tool: string, args: unknown) =>
-  `once:${digest(`${callId}\n${tool}\n${canonical(args)}`).toString("hex").slice(0, 32)}`;
+/** Runs a tool within TOOL_TIMEOUT_MS; a side-effect tool through the once store, so a repeat
+ * of the same call and arguments gets the first run's result instead of acting again. */
+function runOnce(tool: Tool, args: unknown, ctx: ToolContext, deps: Deps): Promise<ToolResult> {
+  const { once, config } = deps;
+  // The once-key is a digest: short for any store, and the arguments stay out of it.
+  const key = tool.once
+    ? `once:${digest(`${ctx.callId}\n${tool.name}\n${canonical(args)}`).toString("hex").slice(0, 32)}`
+    : undefined;
+  const act = () => invoke(tool, args, { ...ctx, idempotencyKey: key });
+  return withTimeout(key ? once.run(key, act, config.toolTimeoutMs) : act(), config.toolTimeoutMs, "it took too long");
+}
 
 const remember = <K, V>(map: Map<K, V>, key: K, value: V) => {
   map.set(key, value);
@@ -1616,15 +1621,7 @@ async function rebuildAction(invocation: Item, deps: Deps, ctx: ToolContext) {
   const tool = deps.tools.get(invocation.name ?? "")!;
   const args = tool.schema.safeParse(parseObject(invocation.arguments ?? "{}"));
   if (!args.success) return undefined;
-  const key = tool.once ? onceKey(ctx.callId, tool.name, args.data) : undefined;
-  const act = () => invoke(tool, args.data, { ...ctx, idempotencyKey: key });
-  const { once, config } = deps;
-  const result = await withTimeout(
-    key ? once.run(key, act, config.toolTimeoutMs) : act(),
-    config.toolTimeoutMs,
-    "rebuild",
-  )
-    .catch(() => undefined);
+  const result = await runOnce(tool, args.data, ctx, deps).catch(() => undefined);
   return result?.action;
 }
 
@@ -1764,11 +1761,8 @@ export function createApp(options: AppOptions = {}) {
     const { callId, token } = callAndToken(c);
     if (!callId) return c.text("the URL needs the call id: /llm-websocket/<call_id>", 404);
     // A "+" pasted as it is arrives as a space (query decoding); a token has no spaces.
-    const given = token ?? "";
-    if (
-      config.authToken && !sameSecret(given, config.authToken) &&
-      !sameSecret(given.replaceAll(" ", "+"), config.authToken)
-    ) {
+    const plus = (t: string) => t.replaceAll(" ", "+");
+    if (config.authToken && !sameSecret(plus(token ?? ""), plus(config.authToken))) {
       log("warn", "auth_refused", { call_id: callId, token_given: token !== undefined });
       return c.text("unauthorized", 401);
     }
