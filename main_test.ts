@@ -1246,7 +1246,7 @@ describe("observability", () => {
 
 interface FakeProvider {
   baseUrl: string;
-  requests: { headers: http.IncomingHttpHeaders; body: Frame }[];
+  requests: { url: string; headers: http.IncomingHttpHeaders; body: Frame }[];
   cancelled: number[];
   close(): Promise<void>;
 }
@@ -1260,7 +1260,7 @@ async function fakeProvider(
     let raw = "";
     req.on("data", (chunk) => raw += chunk);
     req.on("end", async () => {
-      const n = fake.requests.push({ headers: req.headers, body: JSON.parse(raw) });
+      const n = fake.requests.push({ url: req.url ?? "", headers: req.headers, body: JSON.parse(raw) });
       res.on("close", () => !res.writableEnded && fake.cancelled.push(n));
       await reply(res, fake.requests[n - 1].body, n);
     });
@@ -2822,6 +2822,134 @@ describe("provider fallback through the real SDKs", () => {
       } finally {
         await broken.close();
         await healthy.close();
+      }
+    });
+  }
+});
+
+// Each turn posts to the request the SDK defines (captured once), with plain fetch; a request
+// that fails is made again through the SDK's own path.
+describe("the request of a turn", () => {
+  const openaiText = (text: string) => [openaiChunk({ content: text }, "stop"), "data: [DONE]\n\n"];
+  const claudeText = (text: string) => [
+    claudeEvent("content_block_start", { index: 0, content_block: { type: "text", text: "" } }),
+    claudeEvent("content_block_delta", { index: 0, delta: { type: "text_delta", text } }),
+    claudeEvent("message_stop"),
+  ];
+  const setups = {
+    openai: { config: openaiConfig, text: openaiText, path: "/v1/chat/completions", agent: /^OpenAI\/JS / },
+    anthropic: { config: claudeConfig, text: claudeText, path: "/v1/messages", agent: /^Anthropic\/JS / },
+  };
+
+  for (const [provider, setup] of Object.entries(setups)) {
+    test(`${provider}: every turn sends the SDK's own request, once`, async () => {
+      const fake = await fakeProvider((res, _body, n) => stream(res, setup.text(`Reply ${n}.`)));
+      try {
+        const logs = await captureLogs(() =>
+          withServer({ config: setup.config(fake) }, async (port) => {
+            const retell = await Retell.connect(port);
+            await retell.opened();
+            retell.ask(1, [user("hello")]);
+            assert.equal((await retell.reply(1)).text, "Reply 1.");
+            retell.ask(2, [user("hello"), agent("Reply 1."), user("and again")]);
+            assert.equal((await retell.reply(2)).text, "Reply 2.");
+            retell.close();
+          })
+        );
+        assert.equal(fake.requests.length, 2);
+        for (const { url, headers } of fake.requests) {
+          assert.equal(url, setup.path);
+          assert.match(String(headers["user-agent"]), setup.agent);
+          assert.equal(headers["x-stainless-lang"], "js");
+          assert.equal(headers["content-type"], "application/json");
+          if (provider === "anthropic") assert.ok(headers["anthropic-version"]);
+        }
+        const same = ({ "content-length": _, ...headers }: http.IncomingHttpHeaders) => headers;
+        assert.deepEqual(same(fake.requests[1].headers), same(fake.requests[0].headers));
+        assert.equal(fake.requests[1].body.stream, true);
+        assert.ok(!logs.some((l) => l.event === "provider_retry"));
+      } finally {
+        await fake.close();
+      }
+    });
+
+    for (const failure of ["503", "dropped connection"]) {
+      test(`${provider}: a request that fails (${failure}) is made again through the SDK`, async () => {
+        const fake = await fakeProvider((res, _body, n) => {
+          if (n > 1) return stream(res, setup.text("Here I am."));
+          if (failure === "503") {
+            res.writeHead(503, { "content-type": "application/json" });
+            res.end(JSON.stringify({ error: { message: "overloaded", type: "overloaded_error" } }));
+          } else res.socket?.destroy();
+        });
+        try {
+          const logs = await captureLogs(() =>
+            withServer({ config: setup.config(fake) }, async (port) => {
+              const retell = await Retell.connect(port);
+              await retell.opened();
+              retell.ask(1, [user("hello")]);
+              const { text, frames } = await retell.reply(1, 5000);
+              assert.equal(text, "Here I am.");
+              assert.equal(frames.filter((f) => f.content_complete).length, 1);
+              retell.close();
+            })
+          );
+          assert.equal(fake.requests.length, 2);
+          assert.deepEqual(fake.requests[1].body, fake.requests[0].body);
+          const retry = logs.find((l) => l.event === "provider_retry");
+          assert.equal(retry?.provider, provider);
+          if (failure === "503") assert.equal(retry?.error, "HTTP 503");
+          assert.ok(!logs.some((l) => l.event === "turn_failed"));
+        } finally {
+          await fake.close();
+        }
+      });
+    }
+
+    test(`${provider}: a request that keeps failing ends in the SDK's error, spoken as the apology`, async () => {
+      const fake = await fakeProvider((res) => {
+        res.writeHead(400, { "content-type": "application/json" });
+        res.end(JSON.stringify({ error: { message: "bad model name", type: "invalid_request_error" } }));
+      });
+      try {
+        const logs = await captureLogs(() =>
+          withServer({ config: setup.config(fake) }, async (port) => {
+            const retell = await Retell.connect(port);
+            await retell.opened();
+            retell.ask(1, [user("hello")]);
+            assert.equal((await retell.reply(1, 5000)).text, PERSONA.apology);
+            retell.close();
+          })
+        );
+        assert.equal(fake.requests.length, 2); // the fast one, then the SDK's (no retry for a 400)
+        const failed = logs.find((l) => l.event === "turn_failed");
+        assert.match(String(failed?.error), /400/);
+        assert.match(String(failed?.error), /bad model name/);
+      } finally {
+        await fake.close();
+      }
+    });
+
+    test(`${provider}: a request superseded before its answer is not made again`, async () => {
+      const fake = await fakeProvider((res, _body, n) => n === 1 ? undefined : stream(res, setup.text("Second.")));
+      try {
+        const logs = await captureLogs(() =>
+          withServer({ config: setup.config(fake) }, async (port) => {
+            const retell = await Retell.connect(port);
+            await retell.opened();
+            retell.ask(1, [user("hello")]);
+            while (fake.requests.length < 1) await sleep(5);
+            retell.ask(2, [user("hello there")]);
+            assert.equal((await retell.reply(2)).text, "Second.");
+            await sleep(100);
+            retell.close();
+          })
+        );
+        assert.equal(fake.requests.length, 2);
+        assert.equal(fake.cancelled[0], 1);
+        assert.ok(!logs.some((l) => l.event === "provider_retry"));
+      } finally {
+        await fake.close();
       }
     });
   }
