@@ -600,8 +600,8 @@ class ToolCalls {
   }
 }
 
-// The SDKs make the request (auth, retries, HTTP errors); the stream is read here, with one
-// small parser for both providers' server-sent events, which costs far less per chunk.
+// The stream of a reply is read here, with one small parser for both providers' server-sent
+// events, which costs far less per chunk than the SDKs' own readers.
 // `wordsOf` turns each network read into one text event, so deltas that arrived at the same
 // moment go to Retell as one frame: the same words at the same time, fewer frames. Only a
 // turn's first words go out on their own, before the rest of their read is parsed. `read`

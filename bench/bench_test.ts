@@ -165,7 +165,7 @@ describe("load client arithmetic", () => {
 describe("the SDK cost measurement", () => {
   test("times a request through the SDK and through fetch, in a child process on this runtime", () => {
     const args = "Deno" in globalThis ? ["run", "-A"] : ["run"];
-    for (const way of ["sdk", "fetch"]) {
+    for (const way of ["brain", "sdk", "fetch"]) {
       for (const provider of ["openai", "anthropic"]) {
         const file = new URL("./sdk_cost.ts", import.meta.url).pathname;
         const out = spawnSync(process.execPath, [...args, file, "--child", way, provider, "20"], { encoding: "utf8" });

@@ -1,6 +1,7 @@
-// What one streamed request costs made through a provider SDK (the server's brain) against
-// plain fetch (the relay's way), each read to the end by the same kind of parser, against the
-// zero-latency fake provider in the same process. The README's tail-latency notes cite it.
+// What one streamed request costs three ways, against the zero-latency fake provider in the same
+// process: plain fetch (the relay's way), the server's brain (the request the SDK defines, sent
+// with fetch, read by the server's parser), and the SDK's own `create()` path (what the server
+// used before, read by the same small parser as fetch). The README's performance notes cite it.
 //
 //   deno run -A bench/sdk_cost.ts [--n 3000] [--reps 3]
 //
@@ -8,16 +9,19 @@
 // so a slow one is slow by its own path or by a GC pause it ran into). On Deno also bytes
 // allocated and promoted (survived a young GC) per request, read from V8's --trace-gc-nvp
 // between two forced full GCs.
-// Measurements alternate fetch, sdk, fetch, sdk, ... and each sdk figure is a ratio to the
-// fetch run next to it. One child process per measurement: `--child <way> <provider> <n>`.
+// Measurements alternate fetch, brain, sdk, fetch, brain, sdk, ... and each brain and sdk figure
+// is a ratio to the fetch run next to it. One child process per measurement: `--child <way> <provider> <n>`.
 import process from "node:process";
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { startFakeProvider } from "./fake_provider.ts";
+import type OpenAIClient from "openai";
+import type AnthropicClient from "@anthropic-ai/sdk";
 
-type Way = "fetch" | "sdk";
+type Way = "fetch" | "brain" | "sdk";
 type Provider = "openai" | "anthropic";
+const WAYS: Way[] = ["brain", "sdk", "fetch"];
 const isDeno = "Deno" in globalThis;
 const argv = process.argv.slice(2);
 
@@ -47,7 +51,7 @@ async function child(way: Way, provider: Provider, n: number) {
     { role: "agent", content: "Hi Sam! This is Ava at Sunrise Dental. How can I help you today?" },
     { role: "user", content: "Hi, I would like to book a cleaning for next week if you have anything. [t=F:x.1]" },
   ];
-  const viaSdk = async () => {
+  const viaBrain = async () => {
     let text = "";
     const request = { system, messages: toMessages(transcript), tools: [] };
     for await (const event of brain.stream(request, new AbortController().signal)) {
@@ -55,21 +59,40 @@ async function child(way: Way, provider: Provider, n: number) {
     }
     return text;
   };
-  const viaFetch = async () => {
-    const messages = transcript.map((t) => ({ role: t.role === "agent" ? "assistant" : "user", content: t.content }));
-    const anthropic = provider === "anthropic";
-    const res = await fetch(anthropic ? `${base}/v1/messages` : `${base}/v1/chat/completions`, {
+  const messages = transcript.map((t) => ({
+    role: t.role === "agent" ? "assistant" as const : "user" as const,
+    content: t.content,
+  }));
+  const anthropic = provider === "anthropic";
+  const body = anthropic ? { model: "claude-haiku-4-5", max_tokens: 1024, stream: true as const, system, messages } : {
+    model: "gpt-4.1-mini",
+    stream: true as const,
+    messages: [{ role: "system" as const, content: system }, ...messages],
+  };
+  const { default: OpenAI } = await import("openai");
+  const { default: Anthropic } = await import("@anthropic-ai/sdk");
+  const openai = new OpenAI({ apiKey: "sk-bench", baseURL: `${base}/v1`, maxRetries: 1 });
+  const claude = new Anthropic({ apiKey: "sk-ant-bench", baseURL: base, maxRetries: 1 });
+  const viaFetch = () =>
+    read(fetch(anthropic ? `${base}/v1/messages` : `${base}/v1/chat/completions`, {
       method: "POST",
       headers: anthropic
         ? { "content-type": "application/json", "x-api-key": "sk-ant-bench", "anthropic-version": "2023-06-01" }
         : { "content-type": "application/json", authorization: "Bearer sk-bench" },
-      body: JSON.stringify(
-        anthropic
-          ? { model: "claude-haiku-4-5", max_tokens: 1024, stream: true, system, messages }
-          : { model: "gpt-4.1-mini", stream: true, messages: [{ role: "system", content: system }, ...messages] },
-      ),
+      body: JSON.stringify(body),
       signal: new AbortController().signal,
-    });
+    }));
+  const viaSdk = () => {
+    const signal = new AbortController().signal;
+    return read(
+      anthropic
+        ? claude.messages.create(body as AnthropicClient.MessageCreateParamsStreaming, { signal }).asResponse()
+        : openai.chat.completions.create(body as OpenAIClient.ChatCompletionCreateParamsStreaming, { signal })
+          .asResponse(),
+    );
+  };
+  const read = async (response: Promise<Response>) => {
+    const res = await response;
     const decoder = new TextDecoder();
     let buffer = "";
     let text = "";
@@ -87,7 +110,7 @@ async function child(way: Way, provider: Provider, n: number) {
     }
     return text;
   };
-  const run = way === "sdk" ? viaSdk : viaFetch;
+  const run = { fetch: viaFetch, brain: viaBrain, sdk: viaSdk }[way];
   for (let i = 0; i < 300; i++) await run();
   const gc = (globalThis as { gc?: () => void }).gc;
   gc?.(); // with --expose-gc: a full GC on each side of the measured loop marks it in the GC trace
@@ -141,12 +164,11 @@ function parent() {
   const rows: string[][] = [];
   for (const runtime of runtimes) {
     for (const provider of ["openai", "anthropic"] as Provider[]) {
-      const got: Record<Way, { ms: number[]; p99: number[]; kib: number[]; promoted: number[] }> = {
-        fetch: { ms: [], p99: [], kib: [], promoted: [] },
-        sdk: { ms: [], p99: [], kib: [], promoted: [] },
-      };
+      type Got = { ms: number[]; p99: number[]; kib: number[]; promoted: number[] };
+      const empty = (): Got => ({ ms: [], p99: [], kib: [], promoted: [] });
+      const got: Record<Way, Got> = { brain: empty(), sdk: empty(), fetch: empty() };
       for (let rep = 0; rep < reps; rep++) {
-        for (const way of ["fetch", "sdk"] as Way[]) {
+        for (const way of WAYS) {
           const [bin, ...args] = runtime.cmd;
           const out = spawnSync(bin, [...args, file, "--child", way, provider, String(n)], {
             encoding: "utf8",
@@ -162,20 +184,24 @@ function parent() {
           got[way].promoted.push(trace.promoted / n / 1024);
         }
       }
-      const ratio = (key: "ms" | "p99" | "kib" | "promoted") => med(got.sdk[key].map((s, i) => s / got.fetch[key][i]));
       const f = (x: number, d = 2) => (Number.isFinite(x) ? x.toFixed(d) : "–");
-      rows.push([
-        runtime.name,
-        provider,
-        `${f(med(got.sdk.ms), 3)} / ${f(med(got.fetch.ms), 3)} (${f(ratio("ms"))}×)`,
-        `${f(med(got.sdk.p99), 2)} / ${f(med(got.fetch.p99), 2)} (${f(ratio("p99"))}×)`,
-        `${f(med(got.sdk.kib), 0)} / ${f(med(got.fetch.kib), 0)} (${f(ratio("kib"))}×)`,
-        `${f(med(got.sdk.promoted), 1)} / ${f(med(got.fetch.promoted), 1)}`,
-      ]);
+      // Each cell: brain / sdk / fetch, then the brain's and the SDK's ratio to the fetch run next to them.
+      const cell = (key: keyof Got, d: number) => {
+        const ratio = (way: Way) => f(med(got[way][key].map((x, i) => x / got.fetch[key][i])));
+        return `${WAYS.map((w) => f(med(got[w][key]), d)).join(" / ")} (${ratio("brain")}×, ${ratio("sdk")}×)`;
+      };
+      rows.push([runtime.name, provider, cell("ms", 3), cell("p99", 2), cell("kib", 0), cell("promoted", 1)]);
       console.error(`  ${rows.at(-1)!.join("  ")}`);
     }
   }
-  const header = ["runtime", "provider", "ms/request sdk / fetch", "p99 ms", "KiB allocated", "KiB promoted"];
+  const header = [
+    "runtime",
+    "provider",
+    "ms/request brain / sdk / fetch",
+    "p99 ms",
+    "KiB allocated",
+    "KiB promoted",
+  ];
   const table = [header, header.map(() => "---"), ...rows].map((r) => `| ${r.join(" | ")} |`).join("\n");
   console.log(`\n${new Date().toISOString()}, ${n} requests × ${reps} repetitions, medians:\n\n${table}`);
 }
