@@ -2842,20 +2842,25 @@ describe("the request of a turn", () => {
   };
 
   for (const [provider, setup] of Object.entries(setups)) {
+    /** Runs `talk` on one call to a server whose provider is `fake`; returns the log lines. */
+    const oneCall = (fake: FakeProvider, talk: (retell: Retell) => Promise<void>) =>
+      captureLogs(() =>
+        withServer({ config: setup.config(fake) }, async (port) => {
+          const retell = await Retell.connect(port);
+          await retell.opened();
+          await talk(retell);
+          retell.close();
+        })
+      );
     test(`${provider}: every turn sends the SDK's own request, once`, async () => {
       const fake = await fakeProvider((res, _body, n) => stream(res, setup.text(`Reply ${n}.`)));
       try {
-        const logs = await captureLogs(() =>
-          withServer({ config: setup.config(fake) }, async (port) => {
-            const retell = await Retell.connect(port);
-            await retell.opened();
-            retell.ask(1, [user("hello")]);
-            assert.equal((await retell.reply(1)).text, "Reply 1.");
-            retell.ask(2, [user("hello"), agent("Reply 1."), user("and again")]);
-            assert.equal((await retell.reply(2)).text, "Reply 2.");
-            retell.close();
-          })
-        );
+        const logs = await oneCall(fake, async (retell) => {
+          retell.ask(1, [user("hello")]);
+          assert.equal((await retell.reply(1)).text, "Reply 1.");
+          retell.ask(2, [user("hello"), agent("Reply 1."), user("and again")]);
+          assert.equal((await retell.reply(2)).text, "Reply 2.");
+        });
         assert.equal(fake.requests.length, 2);
         for (const { url, headers } of fake.requests) {
           assert.equal(url, setup.path);
@@ -2883,17 +2888,12 @@ describe("the request of a turn", () => {
           } else res.socket?.destroy();
         });
         try {
-          const logs = await captureLogs(() =>
-            withServer({ config: setup.config(fake) }, async (port) => {
-              const retell = await Retell.connect(port);
-              await retell.opened();
-              retell.ask(1, [user("hello")]);
-              const { text, frames } = await retell.reply(1, 5000);
-              assert.equal(text, "Here I am.");
-              assert.equal(frames.filter((f) => f.content_complete).length, 1);
-              retell.close();
-            })
-          );
+          const logs = await oneCall(fake, async (retell) => {
+            retell.ask(1, [user("hello")]);
+            const { text, frames } = await retell.reply(1, 5000);
+            assert.equal(text, "Here I am.");
+            assert.equal(frames.filter((f) => f.content_complete).length, 1);
+          });
           assert.equal(fake.requests.length, 2);
           assert.deepEqual(fake.requests[1].body, fake.requests[0].body);
           const retry = logs.find((l) => l.event === "provider_retry");
@@ -2912,15 +2912,10 @@ describe("the request of a turn", () => {
         res.end(JSON.stringify({ error: { message: "bad model name", type: "invalid_request_error" } }));
       });
       try {
-        const logs = await captureLogs(() =>
-          withServer({ config: setup.config(fake) }, async (port) => {
-            const retell = await Retell.connect(port);
-            await retell.opened();
-            retell.ask(1, [user("hello")]);
-            assert.equal((await retell.reply(1, 5000)).text, PERSONA.apology);
-            retell.close();
-          })
-        );
+        const logs = await oneCall(fake, async (retell) => {
+          retell.ask(1, [user("hello")]);
+          assert.equal((await retell.reply(1, 5000)).text, PERSONA.apology);
+        });
         assert.equal(fake.requests.length, 2); // the fast one, then the SDK's (no retry for a 400)
         const failed = logs.find((l) => l.event === "turn_failed");
         assert.match(String(failed?.error), /400/);
@@ -2933,18 +2928,13 @@ describe("the request of a turn", () => {
     test(`${provider}: a request superseded before its answer is not made again`, async () => {
       const fake = await fakeProvider((res, _body, n) => n === 1 ? undefined : stream(res, setup.text("Second.")));
       try {
-        const logs = await captureLogs(() =>
-          withServer({ config: setup.config(fake) }, async (port) => {
-            const retell = await Retell.connect(port);
-            await retell.opened();
-            retell.ask(1, [user("hello")]);
-            while (fake.requests.length < 1) await sleep(5);
-            retell.ask(2, [user("hello there")]);
-            assert.equal((await retell.reply(2)).text, "Second.");
-            await sleep(100);
-            retell.close();
-          })
-        );
+        const logs = await oneCall(fake, async (retell) => {
+          retell.ask(1, [user("hello")]);
+          while (fake.requests.length < 1) await sleep(5);
+          retell.ask(2, [user("hello there")]);
+          assert.equal((await retell.reply(2)).text, "Second.");
+          await sleep(100);
+        });
         assert.equal(fake.requests.length, 2);
         assert.equal(fake.cancelled[0], 1);
         assert.ok(!logs.some((l) => l.event === "provider_retry"));
