@@ -404,63 +404,113 @@ const WORKING: BrainEvent = { type: "working" };
 // its own headers, exactly as its `create()` sends them, captured once. Each turn then posts its
 // body there with one plain fetch: the SDKs' own request path costs several times more per
 // request, and under load that showed in the slowest turns (benchmark, realistic load: p99
-// added latency 1.6–3.6× the raw relay's through `create()`; see README, Performance). A request
-// that fails (no answer, or an error status) is made again through the SDK's own path, with its
-// retry rules and its errors, and the next turn captures the request afresh (its auth may have
-// changed). `create` makes the request with the SDK and returns the raw response.
+// added latency 1.6–3.6× the raw relay's through `create()`; see README, Performance). A failure
+// the SDKs would retry (no answer; 408, 409, 429, 5xx; or the provider's x-should-retry: true)
+// is made once more, at once, through the SDK's `create()`: two requests at most, as with the
+// SDKs' own single retry, without their wait (a caller is listening, and the turn's watchdog and
+// fallback provider take over from there). Any other error status becomes the SDK's own error.
+// After a failure the next turn captures the request afresh (its auth may have changed).
 type Post<B> = (body: B, signal: AbortSignal) => Promise<Response>;
+interface Sdk<C> {
+  client(options: { fetch?: typeof fetch; maxRetries: number }): C;
+  error(status: number, body: unknown, message: string | undefined, headers: Headers): Error;
+}
 function sdkPost<C, B>(
   provider: string,
-  client: (options: { fetch?: typeof fetch; maxRetries: number }) => Promise<C>,
+  sdk: Promise<Sdk<C>>,
   create: (client: C, body: B, signal: AbortSignal) => Promise<Response>,
 ): Post<B> {
   // Only the SDK of a provider in use is loaded: each is about 5 MB of heap that every full GC
   // walks. The import starts with the server, long before the first call; if it fails, that is
   // logged now and each turn apologises.
-  const sdk = client({ maxRetries: 1 });
   sdk.catch((err) => log("error", "sdk_load_failed", { provider, error: errorText(err) }));
+  const resend = sdk.then((s) => s.client({ maxRetries: 0 }));
+  resend.catch(() => {});
   type Shape = { url: string; init: RequestInit & { headers: Record<string, string> } };
   let shape: Promise<Shape> | undefined;
   const capture = async (body: B) => {
     let seen: Shape | undefined;
-    // Everything but the body and the signal is kept, fetch options (a proxy) included; an
-    // idempotency key belongs to one request only.
+    // Everything but the body and the signal is kept, fetch options (a proxy) included; not what
+    // belongs to one request only: an idempotency key, a trace context.
     const fetch = (url: string | URL | Request, { body: _, signal: __, ...init }: RequestInit = {}) => {
-      const headers = [...new Headers(init.headers)].filter(([name]) => !name.includes("idempotency"));
+      const headers = [...new Headers(init.headers)].filter(([name]) => !ONE_REQUEST_HEADERS.test(name));
       seen = {
         url: url instanceof Request ? url.url : String(url),
         init: { ...init, headers: Object.fromEntries(headers) },
       };
       return Promise.resolve(new Response(null, { status: 204 }));
     };
-    await create(await client({ fetch, maxRetries: 0 }), body, new AbortController().signal);
+    await create((await sdk).client({ fetch, maxRetries: 0 }), body, new AbortController().signal);
     if (!seen) throw new Error(`${provider}: the SDK made no request`);
     return seen;
   };
   return async (body, signal) => {
-    let failure: string;
+    let response: Response | undefined;
+    let failure = "";
     try {
       const { url, init } = await (shape ??= capture(body));
-      const response = await fetch(url, { ...init, body: JSON.stringify(body), signal });
+      response = await fetch(url, { ...init, body: JSON.stringify(body), signal });
       if (response.ok) return response;
-      response.body?.cancel().catch(() => {});
-      failure = `HTTP ${response.status}`;
     } catch (err) {
       if (signal.aborted) throw err;
       failure = errorText(err);
     }
     shape = undefined;
-    log("warn", "provider_retry", { provider, error: failure });
-    return await create(await sdk, body, signal);
+    if (response && !retryable(response)) {
+      const text = await textOf(response, MAX_ERROR_CHARS);
+      const json = parseJson(text);
+      throw (await sdk).error(response.status, json, json === undefined ? text : undefined, response.headers);
+    }
+    response?.body?.cancel().catch(() => {});
+    log("warn", "provider_retry", { provider, error: response ? `HTTP ${response.status}` : failure });
+    return await create(await resend, body, signal);
   };
 }
+
+const ONE_REQUEST_HEADERS = /idempotency|^traceparent$|^tracestate$|^baggage$/;
+const MAX_ERROR_CHARS = 64 * 1024;
+
+/** The SDKs' rule for a failed answer worth one more try. */
+function retryable(response: Response) {
+  const says = response.headers.get("x-should-retry");
+  if (says === "true" || says === "false") return says === "true";
+  return [408, 409, 429].includes(response.status) || response.status >= 500;
+}
+
+/** At most `max` characters of a response's body; the rest is not read. */
+async function textOf(response: Response, max: number) {
+  const reader = response.body?.getReader();
+  const decoder = new TextDecoder();
+  let text = "";
+  try {
+    while (reader && text.length < max) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+    }
+  } finally {
+    reader?.cancel().catch(() => {});
+  }
+  return text.slice(0, max);
+}
+
+const parseJson = (text: string): unknown => {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+};
 
 function openaiBrain(config: Config): Brain {
   // A dummy key lets keyless OpenAI-compatible servers (Ollama, vLLM) work.
   const options = { apiKey: config.openaiApiKey ?? "none", baseURL: config.openaiBaseUrl };
   const post: Post<OpenAI.ChatCompletionCreateParamsStreaming> = sdkPost(
     "openai",
-    (more) => import("openai").then((openai) => new openai.default({ ...options, ...more })),
+    import("openai").then((openai): Sdk<OpenAI> => ({
+      client: (more) => new openai.default({ ...options, ...more }),
+      error: (status, body, message, headers) => openai.APIError.generate(status, body as object, message, headers),
+    })),
     (client, body, signal) => client.chat.completions.create(body, { signal }).asResponse(),
   );
   return {
@@ -522,7 +572,10 @@ function anthropicBrain(config: Config): Brain {
   const options = { apiKey: config.anthropicApiKey, baseURL: config.anthropicBaseUrl };
   const post: Post<Anthropic.MessageCreateParamsStreaming> = sdkPost(
     "anthropic",
-    (more) => import("@anthropic-ai/sdk").then((anthropic) => new anthropic.default({ ...options, ...more })),
+    import("@anthropic-ai/sdk").then((anthropic): Sdk<Anthropic> => ({
+      client: (more) => new anthropic.default({ ...options, ...more }),
+      error: (status, body, message, headers) => anthropic.APIError.generate(status, body as object, message, headers),
+    })),
     (client, body, signal) => client.messages.create(body, { signal }).asResponse(),
   );
   return {

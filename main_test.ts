@@ -2836,9 +2836,26 @@ describe("the request of a turn", () => {
     claudeEvent("content_block_delta", { index: 0, delta: { type: "text_delta", text } }),
     claudeEvent("message_stop"),
   ];
+  // Each provider's error body, and the error its SDK makes of it (Anthropic's quotes the body).
+  const openaiError = (message: string) => ({ error: { message, type: "invalid_request_error" } });
+  const claudeError = (message: string) => ({ type: "error", error: { type: "invalid_request_error", message } });
   const setups = {
-    openai: { config: openaiConfig, text: openaiText, path: "/v1/chat/completions", agent: /^OpenAI\/JS / },
-    anthropic: { config: claudeConfig, text: claudeText, path: "/v1/messages", agent: /^Anthropic\/JS / },
+    openai: {
+      config: openaiConfig,
+      text: openaiText,
+      path: "/v1/chat/completions",
+      agent: /^OpenAI\/JS /,
+      error: openaiError,
+      sdkError: (status: number, message: string) => `${status} ${message}`,
+    },
+    anthropic: {
+      config: claudeConfig,
+      text: claudeText,
+      path: "/v1/messages",
+      agent: /^Anthropic\/JS /,
+      error: claudeError,
+      sdkError: (status: number, message: string) => `${status} ${JSON.stringify(claudeError(message))}`,
+    },
   };
 
   for (const [provider, setup] of Object.entries(setups)) {
@@ -2906,20 +2923,40 @@ describe("the request of a turn", () => {
       });
     }
 
-    test(`${provider}: a request that keeps failing ends in the SDK's error, spoken as the apology`, async () => {
+    for (const [status, headers] of [[400, {}], [500, { "x-should-retry": "false" }]] as const) {
+      test(`${provider}: an HTTP ${status} the SDK would not retry is not made again, and is spoken as the apology`, async () => {
+        const fake = await fakeProvider((res) => {
+          res.writeHead(status, { "content-type": "application/json", ...headers });
+          res.end(JSON.stringify(setup.error("bad model name")));
+        });
+        try {
+          const logs = await oneCall(fake, async (retell) => {
+            retell.ask(1, [user("hello")]);
+            assert.equal((await retell.reply(1, 5000)).text, PERSONA.apology);
+          });
+          assert.equal(fake.requests.length, 1);
+          assert.ok(!logs.some((l) => l.event === "provider_retry"));
+          // The SDK's own error, as its create() would have thrown it.
+          assert.equal(logs.find((l) => l.event === "turn_failed")?.error, setup.sdkError(status, "bad model name"));
+        } finally {
+          await fake.close();
+        }
+      });
+    }
+
+    test(`${provider}: a retried request that fails again ends in the SDK's error, after two requests`, async () => {
       const fake = await fakeProvider((res) => {
-        res.writeHead(400, { "content-type": "application/json" });
-        res.end(JSON.stringify({ error: { message: "bad model name", type: "invalid_request_error" } }));
+        res.writeHead(429, { "content-type": "application/json", "retry-after": "0" });
+        res.end(JSON.stringify(setup.error("slow down")));
       });
       try {
         const logs = await oneCall(fake, async (retell) => {
           retell.ask(1, [user("hello")]);
           assert.equal((await retell.reply(1, 5000)).text, PERSONA.apology);
         });
-        assert.equal(fake.requests.length, 2); // the fast one, then the SDK's (no retry for a 400)
-        const failed = logs.find((l) => l.event === "turn_failed");
-        assert.match(String(failed?.error), /400/);
-        assert.match(String(failed?.error), /bad model name/);
+        assert.equal(fake.requests.length, 2);
+        assert.equal(logs.filter((l) => l.event === "provider_retry").length, 1);
+        assert.equal(logs.find((l) => l.event === "turn_failed")?.error, setup.sdkError(429, "slow down"));
       } finally {
         await fake.close();
       }
