@@ -431,9 +431,12 @@ function sdkPost<C, B>(
   const capture = async (body: B) => {
     let seen: Shape | undefined;
     // Everything but the body and the signal is kept, fetch options (a proxy) included; not what
-    // belongs to one request only: an idempotency key, a trace context.
+    // belongs to one request only (an idempotency key, a trace context), nor the SDK's telemetry
+    // (x-stainless-*: the host's OS, CPU, runtime and versions, a retry count), which changes
+    // nothing in the answer and, with its 7 header lines on every turn, cost 15% of the p99 in
+    // the benchmark (Bun, 500 calls, four interleaved pairs). The user-agent names the SDK still.
     const fetch = (url: string | URL | Request, { body: _, signal: __, ...init }: RequestInit = {}) => {
-      const headers = [...new Headers(init.headers)].filter(([name]) => !ONE_REQUEST_HEADERS.test(name));
+      const headers = [...new Headers(init.headers)].filter(([name]) => !DROPPED_HEADERS.test(name));
       seen = {
         url: url instanceof Request ? url.url : String(url),
         init: { ...init, headers: Object.fromEntries(headers) },
@@ -467,7 +470,7 @@ function sdkPost<C, B>(
   };
 }
 
-const ONE_REQUEST_HEADERS = /idempotency|^traceparent$|^tracestate$|^baggage$/;
+const DROPPED_HEADERS = /idempotency|^traceparent$|^tracestate$|^baggage$|^x-stainless-/;
 const MAX_ERROR_CHARS = 64 * 1024;
 
 /** The SDKs' rule for a failed answer worth one more try. */
