@@ -411,20 +411,26 @@ const WORKING: BrainEvent = { type: "working" };
 // fallback provider take over from there). Any other error status becomes the SDK's own error.
 // After a failure the next turn captures the request afresh (its auth may have changed).
 type Post<B> = (body: B, signal: AbortSignal) => Promise<Response>;
-interface Sdk<C> {
-  client(options: { fetch?: typeof fetch; maxRetries: number }): C;
-  error(status: number, body: unknown, message: string | undefined, headers: Headers): Error;
+/** What sdkPost needs of an SDK's module: its client class and its error factory. */
+interface SdkModule<C> {
+  default: new (options: { apiKey?: string; baseURL?: string; fetch?: typeof fetch; maxRetries?: number }) => C;
+  APIError: {
+    generate(status: number, body: object | undefined, message: string | undefined, headers: Headers): Error;
+  };
 }
 function sdkPost<C, B>(
   provider: string,
-  sdk: Promise<Sdk<C>>,
+  module: Promise<SdkModule<C>>,
+  options: { apiKey?: string; baseURL?: string },
   create: (client: C, body: B, signal: AbortSignal) => Promise<Response>,
 ): Post<B> {
   // Only the SDK of a provider in use is loaded: each is about 5 MB of heap that every full GC
   // walks. The import starts with the server, long before the first call; if it fails, that is
   // logged now and each turn apologises.
-  sdk.catch((err) => log("error", "sdk_load_failed", { provider, error: errorText(err) }));
-  const resend = sdk.then((s) => s.client({ maxRetries: 0 }));
+  module.catch((err) => log("error", "sdk_load_failed", { provider, error: errorText(err) }));
+  const client = (more: { fetch?: typeof fetch }) =>
+    module.then((sdk) => new sdk.default({ ...options, ...more, maxRetries: 0 }));
+  const resend = client({});
   resend.catch(() => {});
   type Shape = { url: string; init: RequestInit & { headers: Record<string, string> } };
   let shape: Promise<Shape> | undefined;
@@ -443,7 +449,7 @@ function sdkPost<C, B>(
       };
       return Promise.resolve(new Response(null, { status: 204 }));
     };
-    await create((await sdk).client({ fetch, maxRetries: 0 }), body, new AbortController().signal);
+    await create(await client({ fetch }), body, new AbortController().signal);
     if (!seen) throw new Error(`${provider}: the SDK made no request`);
     return seen;
   };
@@ -461,8 +467,9 @@ function sdkPost<C, B>(
     shape = undefined;
     if (response && !retryable(response)) {
       const text = await textOf(response, MAX_ERROR_CHARS);
-      const json = parseJson(text);
-      throw (await sdk).error(response.status, json, json === undefined ? text : undefined, response.headers);
+      const json = parseJson(text) as object | undefined;
+      const { APIError } = await module;
+      throw APIError.generate(response.status, json, json ? undefined : text, response.headers);
     }
     response?.body?.cancel().catch(() => {});
     log("warn", "provider_retry", { provider, error: response ? `HTTP ${response.status}` : failure });
@@ -510,10 +517,8 @@ function openaiBrain(config: Config): Brain {
   const options = { apiKey: config.openaiApiKey ?? "none", baseURL: config.openaiBaseUrl };
   const post: Post<OpenAI.ChatCompletionCreateParamsStreaming> = sdkPost(
     "openai",
-    import("openai").then((openai): Sdk<OpenAI> => ({
-      client: (more) => new openai.default({ ...options, ...more }),
-      error: (status, body, message, headers) => openai.APIError.generate(status, body as object, message, headers),
-    })),
+    import("openai"),
+    options,
     (client, body, signal) => client.chat.completions.create(body, { signal }).asResponse(),
   );
   return {
@@ -575,10 +580,8 @@ function anthropicBrain(config: Config): Brain {
   const options = { apiKey: config.anthropicApiKey, baseURL: config.anthropicBaseUrl };
   const post: Post<Anthropic.MessageCreateParamsStreaming> = sdkPost(
     "anthropic",
-    import("@anthropic-ai/sdk").then((anthropic): Sdk<Anthropic> => ({
-      client: (more) => new anthropic.default({ ...options, ...more }),
-      error: (status, body, message, headers) => anthropic.APIError.generate(status, body as object, message, headers),
-    })),
+    import("@anthropic-ai/sdk"),
+    options,
     (client, body, signal) => client.messages.create(body, { signal }).asResponse(),
   );
   return {
