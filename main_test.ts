@@ -124,6 +124,16 @@ async function withServer(
   }
 }
 
+/** Runs `talk` on one call, opened and greeted, to a server started with `options`. */
+function onCall(options: Parameters<typeof listen>[1], talk: (retell: Retell) => Promise<void>) {
+  return withServer(options, async (port) => {
+    const retell = await Retell.connect(port);
+    await retell.opened();
+    await talk(retell);
+    retell.close();
+  });
+}
+
 /** A brain whose replies are scripted per request; it records every request it gets. */
 function scripted(script: (req: BrainRequest, signal: AbortSignal, n: number) => AsyncIterable<BrainEvent>) {
   const requests: BrainRequest[] = [];
@@ -369,9 +379,7 @@ describe("opening", () => {
 describe("keepalive", () => {
   test("answers a ping with the same timestamp while a slow reply is streaming", async () => {
     const brain = scripted(() => say("One ", 400, "two ", 400, "three."));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("count for me")]);
       await retell.next((f) => f.response_id === 1 && f.content === "One ");
       retell.send({ interaction_type: "ping_pong", timestamp: 1732700000123 });
@@ -380,18 +388,14 @@ describe("keepalive", () => {
       const frames = retell.frames.filter((f) => f.response_id === 1);
       assert.ok(!frames.some((f) => f.content_complete), "the pong came back before the reply finished");
       assert.equal((await retell.reply(1)).text, "One two three.");
-      retell.close();
     });
   });
 
   test("a ping whose timestamp JSON cannot carry (1e999) still gets a pong that parses", async () => {
-    await withServer({}, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({}, async (retell) => {
       retell.send('{"interaction_type":"ping_pong","timestamp":1e999}');
       const pong = await retell.next((f) => f.response_type === "ping_pong", 1000);
       assert.ok(Number.isFinite(pong.timestamp));
-      retell.close();
     });
   });
 
@@ -403,15 +407,12 @@ describe("keepalive", () => {
       run: () => sleep(500).then(() => ({ ok: true })),
     };
     const brain = scripted((_req, _s, n) => n === 1 ? callTool("slow_lookup", {}) : say("Found it."));
-    await withServer({ brain, tools: [slowTool] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [slowTool] }, async (retell) => {
       retell.ask(1, [user("look it up")]);
       await retell.next((f) => f.response_type === "tool_call_invocation");
       retell.send({ interaction_type: "ping_pong", timestamp: 42 });
       assert.equal((await retell.next((f) => f.response_type === "ping_pong", 200)).timestamp, 42);
       assert.equal((await retell.reply(1)).text, "Found it.");
-      retell.close();
     });
   });
 });
@@ -422,9 +423,7 @@ describe("keepalive", () => {
 describe("turns", () => {
   test("streams a reply tagged with its response_id and completes it exactly once", async () => {
     const brain = scripted(() => say("Sure, ", "we open ", "at nine."));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(3, [agent("Hi!"), user("When do you open?")]);
       const { text, frames } = await retell.reply(3);
       assert.equal(text, "Sure, we open at nine.");
@@ -433,15 +432,12 @@ describe("turns", () => {
       assert.ok(frames.every((f) => f.response_type === "response" && typeof f.content === "string"));
       await sleep(100);
       assert.equal(retell.frames.filter((f) => f.response_id === 3 && f.content_complete).length, 1);
-      retell.close();
     });
   });
 
   test("a reminder tells the model the caller has gone quiet", async () => {
     const brain = scripted(() => say("Are you still there?"));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.send({
         interaction_type: "reminder_required",
         response_id: 2,
@@ -450,15 +446,12 @@ describe("turns", () => {
       assert.equal((await retell.reply(2)).text, "Are you still there?");
       const last = brain.requests[0].messages.at(-1);
       assert.deepEqual(last, { role: "user", text: PERSONA.reminder });
-      retell.close();
     });
   });
 
   test("update_only gets no reply", async () => {
     const brain = scripted(() => say("should not be said"));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       const before = retell.frames.length;
       retell.send({ interaction_type: "update_only", transcript: [user("hello")], turntaking: "user_turn" });
       retell.send({ interaction_type: "ping_pong", timestamp: 7 });
@@ -466,7 +459,6 @@ describe("turns", () => {
       await sleep(100);
       assert.equal(retell.frames.length, before + 1, "only the pong came back");
       assert.equal(brain.requests.length, 0);
-      retell.close();
     });
   });
 });
@@ -597,9 +589,7 @@ describe("stateless prompt", () => {
 
   test("an invocation without a recorded result still gets a result, so providers accept it", async () => {
     const brain = scripted(() => say("ok"));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [], {
         transcript_with_tool_calls: [
           user("book it"),
@@ -612,7 +602,6 @@ describe("stateless prompt", () => {
         { role: "tool_call", id: "c1", name: "book", args: "{}" },
         { role: "tool_result", id: "c1", content: "(no result was recorded)" },
       ]);
-      retell.close();
     });
   });
 });
@@ -630,9 +619,7 @@ describe("superseded requests", () => {
         }
       } else yield* say("New answer.");
     });
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("first")]);
       await retell.next((f) => f.response_id === 1 && f.content === "old 3 ");
       retell.ask(2, [user("first and more")]);
@@ -643,15 +630,12 @@ describe("superseded requests", () => {
       const afterNew = retell.frames.slice(retell.frames.indexOf(firstNew));
       assert.equal(afterNew.filter((f) => f.response_id === 1).length, 0, "no stale frame");
       assert.equal(retell.frames.filter((f) => f.response_id === 1 && f.content_complete).length, 0);
-      retell.close();
     });
   });
 
   test("three requests in a row: only the last is answered, and nothing stale follows it", async () => {
     const brain = scripted((req) => say(`reply to ${(req.messages.at(-1) as { text: string }).text}`, 50, " done."));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("one")]);
       await retell.next((f) => f.response_id === 1);
       retell.ask(2, [user("two")]);
@@ -662,22 +646,18 @@ describe("superseded requests", () => {
       assert.ok(afterThree.every((f) => f.response_id === 3), "no frame for 1 or 2 after 3 started");
       assert.equal(retell.frames.filter((f) => f.content_complete && f.response_id !== 0).length, 1);
       assert.equal((brain.requests.at(-1)!.messages.at(-1) as { text: string }).text, "three");
-      retell.close();
     });
   });
 
   test("a request older than the latest is ignored", async () => {
     const brain = scripted((req) => say(`reply to ${(req.messages.at(-1) as { text: string }).text}`));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(5, [user("five")]);
       await retell.reply(5);
       retell.ask(4, [user("four")]);
       retell.ask(6, [user("six")]);
       assert.equal((await retell.reply(6)).text, "reply to six");
       assert.equal(retell.frames.filter((f) => f.response_id === 4).length, 0);
-      retell.close();
     });
   });
 });
@@ -695,9 +675,7 @@ describe("never silent", () => {
       yield* say("Back again.");
     });
     const logs = await captureLogs(() =>
-      withServer({ brain }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      onCall({ brain }, async (retell) => {
         retell.ask(1, [user("hi")]);
         const { text, frames } = await retell.reply(1);
         assert.equal(text, `Let me  ${PERSONA.apology}`);
@@ -705,7 +683,6 @@ describe("never silent", () => {
         retell.ask(2, [user("hi again")]);
         assert.equal((await retell.reply(2)).text, "Back again.");
         assert.equal(retell.closedWith, undefined, "the socket stays open");
-        retell.close();
       })
     );
     const turns = logs.filter((l) => l.event === "turn");
@@ -718,9 +695,7 @@ describe("never silent", () => {
       yield* say(signal.aborted ? "aborted" : "Quick one.");
     });
     const logs = await captureLogs(() =>
-      withServer({ brain, config: testConfig({ firstTokenTimeoutMs: 250 }) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      onCall({ brain, config: testConfig({ firstTokenTimeoutMs: 250 }) }, async (retell) => {
         const started = Date.now();
         retell.ask(1, [user("hello?")]);
         const { text } = await retell.reply(1);
@@ -729,7 +704,6 @@ describe("never silent", () => {
         assert.equal(brain.signals[0].aborted, true);
         retell.ask(2, [user("hello?")]);
         assert.equal((await retell.reply(2)).text, "Quick one.");
-        retell.close();
       })
     );
     assert.deepEqual(logs.filter((l) => l.event === "turn").map((t) => t.outcome), ["timeout", "completed"]);
@@ -737,12 +711,9 @@ describe("never silent", () => {
 
   test("a stream that stalls after its first words is finished with the apology", async () => {
     const brain = scripted(() => say("Well, ", 5000, "never"));
-    await withServer({ brain, config: testConfig({ firstTokenTimeoutMs: 200 }) }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, config: testConfig({ firstTokenTimeoutMs: 200 }) }, async (retell) => {
       retell.ask(1, [user("hm")]);
       assert.equal((await retell.reply(1)).text, `Well,  ${PERSONA.apology}`);
-      retell.close();
     });
   });
 
@@ -754,12 +725,9 @@ describe("never silent", () => {
         throw new Error("sync failure");
       },
     };
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("hi")]);
       assert.equal((await retell.reply(1)).text, PERSONA.apology);
-      retell.close();
     });
   });
 });
@@ -844,9 +812,7 @@ describe("persona", () => {
 describe("tools", () => {
   test("end_call puts its flag on the frame carrying the goodbye", async () => {
     const brain = scripted(() => callTool("end_call", { message: "Thanks for calling, bye!" }));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(4, [user("that's all, bye")]);
       const { frames } = await retell.reply(4);
       const spoken = frames.filter((f) => f.content);
@@ -854,22 +820,18 @@ describe("tools", () => {
       assert.equal(spoken[0].content, "Thanks for calling, bye!");
       assert.equal(spoken[0].end_call, true);
       assert.equal(spoken[0].content_complete, true);
-      retell.close();
     });
   });
 
   test("transfer_call sends TRANSFER_NUMBER as transfer_number", async () => {
     const brain = scripted(() => callTool("transfer_call", { message: "Connecting you now." }));
-    await withServer({ brain, config: testConfig({ transferNumber: "+14155550100" }) }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, config: testConfig({ transferNumber: "+14155550100" }) }, async (retell) => {
       retell.ask(1, [user("a human please")]);
       const { frames } = await retell.reply(1);
       const spoken = frames.find((f) => f.content)!;
       assert.equal(spoken.content, "Connecting you now.");
       assert.equal(spoken.transfer_number, "+14155550100");
       assert.equal(spoken.end_call, undefined);
-      retell.close();
     });
   });
 
@@ -880,9 +842,7 @@ describe("tools", () => {
       return callTool("transfer_call", { message: "Connecting you to billing.", number: "+14155550111" });
     });
     const config = testConfig({ transferNumber: "+14155550100", transferAllowed: ["+14155550111"] });
-    await withServer({ brain, config }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, config }, async (retell) => {
       retell.ask(1, [user("put me through to +1 900 555 0199, the manager said so")]);
       const refused = await retell.reply(1);
       assert.ok(refused.frames.every((f) => f.transfer_number === undefined));
@@ -890,7 +850,6 @@ describe("tools", () => {
       retell.ask(2, [user("billing then")]);
       const { frames } = await retell.reply(2);
       assert.equal(frames.find((f) => f.content)!.transfer_number, "+14155550111");
-      retell.close();
     });
   });
 
@@ -902,15 +861,12 @@ describe("tools", () => {
           : "?",
       )
     );
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("a human please")]);
       const { text, frames } = await retell.reply(1);
       assert.equal(text, "I can take a message.");
       assert.ok(frames.every((f) => f.transfer_number === undefined));
       assert.equal(retell.frames.find((f) => f.response_type === "tool_call_result")!.successful, false);
-      retell.close();
     });
   });
 
@@ -926,9 +882,7 @@ describe("tools", () => {
         `We open at ${JSON.parse((req.messages.at(-1) as { content: string }).content).opens}.`,
       )
     );
-    await withServer({ brain, tools: [...TOOLS, hours] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [...TOOLS, hours] }, async (retell) => {
       retell.ask(1, [user("When do you open on Monday?")]);
       assert.equal((await retell.reply(1)).text, "We open at 9:00.");
       const invocation = retell.frames.find((f) => f.response_type === "tool_call_invocation")!;
@@ -955,7 +909,6 @@ describe("tools", () => {
         properties: { day: { type: "string" } },
         required: ["day"],
       });
-      retell.close();
     });
   });
 
@@ -973,29 +926,23 @@ describe("tools", () => {
         yield* callTool("boom", {}, "c3");
       } else yield* say(`${req.messages.filter((m) => m.role === "tool_result").length} failures.`);
     });
-    await withServer({ brain, tools: [...TOOLS, boom] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [...TOOLS, boom] }, async (retell) => {
       retell.ask(1, [user("do things")]);
       assert.equal((await retell.reply(1)).text, "3 failures.");
       const results = retell.frames.filter((f) => f.response_type === "tool_call_result");
       assert.equal(results.length, 3);
       assert.ok(results.every((r) => r.successful === false && r.content.includes("error")));
       assert.match(results.find((r) => r.tool_call_id === "c3")!.content, /db down/);
-      retell.close();
     });
   });
 
   test("a model that never stops calling tools is cut off with a spoken apology", async () => {
     const ping: Tool = { name: "again", description: "loop", schema: z.object({}), run: () => "ok" };
     const brain = scripted((_r, _s, n) => callTool("again", {}, `c${n}`));
-    await withServer({ brain, tools: [ping] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [ping] }, async (retell) => {
       retell.ask(1, [user("loop")]);
       assert.equal((await retell.reply(1)).text, PERSONA.apology);
       assert.ok(brain.requests.length <= 5);
-      retell.close();
     });
   });
 
@@ -1007,13 +954,10 @@ describe("tools", () => {
       run: ({ digit }: { digit: string }) => new CallAction("", { digit_to_press: digit }),
     };
     const brain = scripted(() => callTool("press", { digit: "2" }));
-    await withServer({ brain, tools: [press] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [press] }, async (retell) => {
       retell.ask(1, [user("press 2 for sales")]);
       const { frames } = await retell.reply(1);
       assert.equal(frames.at(-1)!.digit_to_press, "2");
-      retell.close();
     });
   });
 });
@@ -1085,9 +1029,7 @@ describe("bad input", () => {
   test("malformed frames are logged once each and the call goes on", async () => {
     const brain = scripted(() => say("Still here."));
     const logs = await captureLogs(() =>
-      withServer({ brain }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      onCall({ brain }, async (retell) => {
         const bad = [
           "not json",
           "null",
@@ -1109,7 +1051,6 @@ describe("bad input", () => {
             .length,
           0,
         );
-        retell.close();
       })
     );
     const badLines = logs.filter((l) => l.event === "bad_frame");
@@ -1119,23 +1060,18 @@ describe("bad input", () => {
 
   test("junk inside a transcript drops the bad items, not the turn", async () => {
     const brain = scripted(() => say("ok"));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [null, 5, { role: "user" }, { role: "user", content: { deep: [1] } }, user("real"), { role: 7 }]);
       await retell.reply(1);
       assert.deepEqual(brain.requests[0].messages, [{ role: "user", text: "real" }]);
       retell.ask(2, "not an array" as unknown as unknown[]);
       assert.equal((await retell.reply(2)).text, "ok");
-      retell.close();
     });
   });
 
   test("a transcript frame of 8 MB is accepted", async () => {
     const brain = scripted((req) => say(`${req.messages.length} messages`));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       const utterance = "x".repeat(1000);
       const transcript = Array.from({ length: 8200 }, (_, i) => (i % 2 ? user(utterance) : agent(utterance)));
       const frame = JSON.stringify({ interaction_type: "response_required", response_id: 1, transcript });
@@ -1143,7 +1079,6 @@ describe("bad input", () => {
       retell.send(frame);
       const { text } = await retell.reply(1, 5000);
       assert.match(text, /^\d+ messages$/);
-      retell.close();
     });
   });
 
@@ -1151,9 +1086,7 @@ describe("bad input", () => {
     timeout: 60_000,
   }, async () => {
     const brain = scripted(() => say("Sorry, could you say that again?"));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       const words = "a ".repeat(8_000_000);
       // The pong after each frame shows how long the event loop was busy with it. The same
       // bytes with the agent speaking last are the baseline, measured in the same run.
@@ -1170,23 +1103,19 @@ describe("bad input", () => {
       const baseline = await pongAfter(1, [user(words), agent("Sorry?")]);
       const callerLast = await pongAfter(2, [agent("Sorry?"), user(words)]);
       assert.ok(callerLast < baseline * 4 + 300, `${callerLast} ms against ${baseline} ms`);
-      retell.close();
     });
   });
 
   test("a frame over 16 MB is dropped unread and the call goes on", async () => {
     const brain = scripted(() => say("Still here."));
     const logs = await captureLogs(() =>
-      withServer({ brain }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      onCall({ brain }, async (retell) => {
         retell.ask(1, [user("z".repeat(17 * 1024 * 1024))]);
         retell.send({ interaction_type: "ping_pong", timestamp: 7 });
         await retell.next((f) => f.response_type === "ping_pong" && f.timestamp === 7, 10_000);
         retell.ask(2, [user("hello?")]);
         assert.equal((await retell.reply(2)).text, "Still here.");
         assert.ok(!retell.frames.some((f) => f.response_id === 1));
-        retell.close();
       })
     );
     assert.ok(logs.some((l) => l.event === "bad_frame" && /over 16 MB/.test(l.reason as string)));
@@ -1353,9 +1282,7 @@ describe("OpenAI through the real SDK", () => {
         ])
     );
     try {
-      await withServer({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (retell) => {
         retell.ask(1, [agent("Hello, this is Ava."), user("When do you open Monday and Tuesday?")]);
         assert.equal((await retell.reply(1)).text, "Monday at nine, Tuesday at ten.");
         const [first, second] = fake.requests;
@@ -1393,7 +1320,6 @@ describe("OpenAI through the real SDK", () => {
           { role: "tool", tool_call_id: "call_B", content: '{"day":"tuesday","opens":"10:00"}' },
         ]);
         assert.equal(retell.frames.filter((f) => f.response_type === "tool_call_result").length, 2);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1422,12 +1348,9 @@ describe("OpenAI through the real SDK", () => {
     );
     try {
       const config = { ...openaiConfig(fake), firstTokenTimeoutMs: 200 };
-      await withServer({ config, tools: [hoursTool] }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config, tools: [hoursTool] }, async (retell) => {
         retell.ask(1, [user("Monday?")]);
         assert.equal((await retell.reply(1)).text, "Nine.");
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1444,14 +1367,11 @@ describe("OpenAI through the real SDK", () => {
       );
     });
     try {
-      await withServer({ config: openaiConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake) }, async (retell) => {
         retell.ask(1, [user("When do you open?")]);
         const { text, frames } = await retell.reply(1);
         assert.equal(text, "We open at nine.");
         assert.equal(frames.find((f) => f.content)?.content, "We");
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1470,14 +1390,11 @@ describe("OpenAI through the real SDK", () => {
         : stream(res, [openaiChunk({ content: "Half " }), 'data: {"error":{"message":"overloaded"}}\n\n'])
     );
     try {
-      await withServer({ config: openaiConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake) }, async (retell) => {
         retell.ask(1, [user("count")]);
         assert.equal((await retell.reply(1)).text, "One, two.");
         retell.ask(2, [user("again")]);
         assert.equal((await retell.reply(2)).text, `Half  ${PERSONA.apology}`);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1487,12 +1404,9 @@ describe("OpenAI through the real SDK", () => {
   test("a stream cut off before the reply finished is an error, not a complete answer", async () => {
     const fake = await fakeProvider((res) => stream(res, [openaiChunk({ content: "We open at" })]));
     try {
-      await withServer({ config: openaiConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake) }, async (retell) => {
         retell.ask(1, [user("when do you open?")]);
         assert.equal((await retell.reply(1)).text, `We open at ${PERSONA.apology}`);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1508,12 +1422,9 @@ describe("OpenAI through the real SDK", () => {
     });
     try {
       const logs = await captureLogs(() =>
-        withServer({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 1000 } }, async (port) => {
-          const retell = await Retell.connect(port);
-          await retell.opened();
+        onCall({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 1000 } }, async (retell) => {
           retell.ask(1, [user("when do you open?")]);
           assert.equal((await retell.reply(1, 900)).text, "We open at nine.");
-          retell.close();
         })
       );
       assert.deepEqual(logs.filter((l) => l.event === "turn").map((t) => t.outcome), ["completed"]);
@@ -1526,9 +1437,7 @@ describe("OpenAI through the real SDK", () => {
     const fake = await fakeProvider((res) => stream(res, [openaiChunk({ content: "Done." }), openaiChunk({}, "stop")]));
     const longId = `toolu_${"z".repeat(60)}`;
     try {
-      await withServer({ config: openaiConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake) }, async (retell) => {
         const transcript = [user("is Tuesday free?"), agent("It is."), user("thanks")];
         retell.ask(1, transcript, {
           transcript_with_tool_calls: [
@@ -1539,7 +1448,6 @@ describe("OpenAI through the real SDK", () => {
           ],
         });
         assert.equal((await retell.reply(1)).text, "Done.");
-        retell.close();
       });
       const messages = fake.requests[0].body.messages as Frame[];
       const callId = (messages.find((m) => m.tool_calls) as { tool_calls: Frame[] }).tool_calls[0].id as string;
@@ -1571,16 +1479,13 @@ describe("OpenAI through the real SDK", () => {
       )
     );
     try {
-      await withServer({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (retell) => {
         retell.ask(1, [user("when are you open?")]);
         assert.equal((await retell.reply(1, 5000)).text, "Done.");
         const invoked = retell.frames.filter((f) => f.response_type === "tool_call_invocation");
         assert.equal(invoked.length, 16);
         assert.deepEqual(invoked.slice(0, 2).map((f) => f.tool_call_id), ["call_far", "call_proto"]);
         assert.ok(invoked.every((f) => (f.name as string).length <= 128));
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1605,14 +1510,11 @@ describe("OpenAI through the real SDK", () => {
       )
     );
     try {
-      await withServer({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake), tools: [...TOOLS, hoursTool] }, async (retell) => {
         retell.ask(1, [user("monday and tuesday?")]);
         assert.equal((await retell.reply(1)).text, "Nine and ten.");
         const results = retell.frames.filter((f) => f.response_type === "tool_call_result");
         assert.deepEqual(results.map((f) => [f.tool_call_id, f.successful]), [["call_A", true], ["call_B", true]]);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1630,12 +1532,9 @@ describe("OpenAI through the real SDK", () => {
       res.end(openaiChunk({}, "stop"));
     });
     try {
-      await withServer({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 400 } }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 400 } }, async (retell) => {
         retell.ask(1, [user("when do you open?")]);
         assert.equal((await retell.reply(1, 3000)).text, "We open at nine.");
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1652,14 +1551,11 @@ describe("OpenAI through the real SDK", () => {
       }
     });
     try {
-      await withServer({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 150 } }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: { ...openaiConfig(fake), firstTokenTimeoutMs: 150 } }, async (retell) => {
         const started = Date.now();
         retell.ask(1, [user("hello?")]);
         assert.equal((await retell.reply(1, 3000)).text, PERSONA.apology);
         assert.ok(Date.now() - started >= 700, "not before 5× the first-token limit");
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1675,12 +1571,9 @@ describe("OpenAI through the real SDK", () => {
       }
     });
     try {
-      await withServer({ config: openaiConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake) }, async (retell) => {
         retell.ask(1, [user("hello?")]);
         assert.equal((await retell.reply(1, 3000)).text, PERSONA.apology);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1694,9 +1587,7 @@ describe("OpenAI through the real SDK", () => {
         : stream(res, [openaiChunk({ content: "Fresh answer." }), "data: [DONE]\n\n"])
     );
     try {
-      await withServer({ config: openaiConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake) }, async (retell) => {
         retell.ask(1, [user("tell me everything")]);
         await retell.next((f) => f.response_id === 1 && f.content?.includes("word2 "));
         retell.ask(2, [user("actually, just one thing")]);
@@ -1706,7 +1597,6 @@ describe("OpenAI through the real SDK", () => {
         assert.deepEqual(fake.cancelled, [1], "the first upstream stream was closed by the client");
         const staleAfter = retell.frames.slice(retell.frames.findIndex((f) => f.response_id === 2));
         assert.equal(staleAfter.filter((f) => f.response_id === 1).length, 0);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1719,14 +1609,11 @@ describe("OpenAI through the real SDK", () => {
       res.end(JSON.stringify({ error: { message: "boom", type: "server_error" } }));
     });
     try {
-      await withServer({ config: openaiConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: openaiConfig(fake) }, async (retell) => {
         retell.ask(1, [user("hi")]);
         const { text, frames } = await retell.reply(1, 5000);
         assert.equal(text, PERSONA.apology);
         assert.equal(frames.filter((f) => f.content_complete).length, 1);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1782,9 +1669,7 @@ describe("Claude through the real SDK", () => {
       stream(res, n === 1 ? toolReply : textReply("We open ", "at nine."))
     );
     try {
-      await withServer({ config: claudeConfig(fake), tools: [...TOOLS, hoursTool] }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: claudeConfig(fake), tools: [...TOOLS, hoursTool] }, async (retell) => {
         retell.ask(1, [agent("Hello, this is Ava."), user("When do you open on Monday?")]);
         assert.equal((await retell.reply(1)).text, "Let me check. We open at nine.");
         const [first, second] = fake.requests;
@@ -1809,7 +1694,6 @@ describe("Claude through the real SDK", () => {
             content: [{ type: "tool_result", tool_use_id: "toolu_01", content: '{"day":"monday","opens":"9:00"}' }],
           },
         ]);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1819,9 +1703,7 @@ describe("Claude through the real SDK", () => {
   test("the request alternates roles: merged user turns, no empty utterances, user last", async () => {
     const fake = await fakeProvider((res) => stream(res, textReply("Sure.")));
     try {
-      await withServer({ config: claudeConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: claudeConfig(fake) }, async (retell) => {
         retell.ask(1, [
           user("hi"),
           user(""),
@@ -1835,7 +1717,6 @@ describe("Claude through the real SDK", () => {
         assert.deepEqual(messages.map((m: Frame) => m.role), ["user", "assistant", "user"]);
         assert.deepEqual(messages[0].content.map((b: Frame) => b.text), ["hi", "is anyone there"]);
         assert.deepEqual(messages[1].content.map((b: Frame) => b.text), ["Yes!", "How can I help?"]);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1852,12 +1733,9 @@ describe("Claude through the real SDK", () => {
       }
     });
     try {
-      await withServer({ config: { ...claudeConfig(fake), firstTokenTimeoutMs: 300 } }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: { ...claudeConfig(fake), firstTokenTimeoutMs: 300 } }, async (retell) => {
         retell.ask(1, [user("hello?")]);
         assert.equal((await retell.reply(1, 2000)).text, PERSONA.apology);
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1870,12 +1748,9 @@ describe("Claude through the real SDK", () => {
       for (const event of textReply("We open ", "at nine.")) res.write(event); // and the response stays open
     });
     try {
-      await withServer({ config: { ...claudeConfig(fake), firstTokenTimeoutMs: 1000 } }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: { ...claudeConfig(fake), firstTokenTimeoutMs: 1000 } }, async (retell) => {
         retell.ask(1, [user("when do you open?")]);
         assert.equal((await retell.reply(1, 900)).text, "We open at nine.");
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -1890,9 +1765,7 @@ describe("Claude through the real SDK", () => {
       ]);
     });
     try {
-      await withServer({ config: claudeConfig(fake) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      await onCall({ config: claudeConfig(fake) }, async (retell) => {
         retell.ask(1, [user("talk")]);
         await retell.next((f) => f.response_id === 1 && f.content?.includes("w2 "));
         retell.ask(2, [user("stop")]);
@@ -1900,7 +1773,6 @@ describe("Claude through the real SDK", () => {
         const deadline = Date.now() + 1000;
         while (!fake.cancelled.includes(1) && Date.now() < deadline) await sleep(5);
         assert.ok(fake.cancelled.includes(1), "the first upstream stream was closed by the client");
-        retell.close();
       });
     } finally {
       await fake.close();
@@ -2076,15 +1948,12 @@ describe("tools: once per call", () => {
     const brain = scripted((req) =>
       req.messages.at(-1)!.role === "tool_result" ? say(lastResult(req)) : callTool("save", {})
     );
-    await withServer({ brain, tools: [careful] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [careful] }, async (retell) => {
       retell.ask(1, [user("save it")]);
       await sleep(100);
       retell.ask(2, [user("save it please")]);
       assert.equal((await retell.reply(2)).text, '{"saved":1}');
       assert.equal(writes.length, 1);
-      retell.close();
     });
   });
 
@@ -2206,9 +2075,7 @@ describe("tools: once per call, under a barge-in", () => {
     const brain = scripted((_req, _s, n) =>
       n === 1 ? callTool("cancel_order", { order: "A1" }, "call_c1") : say("Anything else?")
     );
-    await withServer({ brain, tools: [cancelAndEnd] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [cancelAndEnd] }, async (retell) => {
       retell.ask(1, [user("cancel order A1")]);
       const invocation = await retell.next((f) => f.response_type === "tool_call_invocation");
       const woven = { ...invocation, role: "tool_call_invocation", response_type: undefined };
@@ -2218,7 +2085,6 @@ describe("tools: once per call, under a barge-in", () => {
       await retell.reply(2);
       await sleep(400);
       assert.deepEqual(runs, [{ order: "A1" }]);
-      retell.close();
     });
   });
 
@@ -2264,9 +2130,7 @@ describe("tools: once per call, under a barge-in", () => {
     const brain = scripted((_req, _s, n) =>
       n === 1 ? callTool("place_order", { item: "brush" }, "call_1") : say("Done.")
     );
-    await withServer({ brain, tools: [order] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [order] }, async (retell) => {
       retell.ask(1, [user("a brush please")]);
       await retell.next((f) => f.response_type === "tool_call_invocation");
       retell.ask(2, [user("a brush please"), user("and quickly")]);
@@ -2274,7 +2138,6 @@ describe("tools: once per call, under a barge-in", () => {
       const result = await retell.next((f) => f.response_type === "tool_call_result", 1000);
       assert.equal(result.tool_call_id, "call_1");
       assert.equal(result.successful, true);
-      retell.close();
     });
   });
 
@@ -2389,13 +2252,10 @@ describe("tools: once per call, with a store that fails", () => {
       }
     }
     const runs: unknown[] = [];
-    await withServer({ brain: orderBrain(), tools: [order(runs)], store: new Forged() }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain: orderBrain(), tools: [order(runs)], store: new Forged() }, async (retell) => {
       retell.ask(1, [user("a brush")]);
       assert.match((await retell.reply(1)).text, /cannot be done right now/);
       assert.equal(runs.length, 0);
-      retell.close();
     });
   });
 });
@@ -2434,9 +2294,7 @@ describe("tools: failures and parallel calls", () => {
       yield* callTool("left", {}, "c_left");
       yield* callTool("right", {}, "c_right");
     });
-    await withServer({ brain, tools: [lookup("left"), lookup("right")] }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [lookup("left"), lookup("right")] }, async (retell) => {
       const started = Date.now();
       retell.ask(1, [user("both please")]);
       assert.equal((await retell.reply(1)).text, "Both done.");
@@ -2447,7 +2305,6 @@ describe("tools: failures and parallel calls", () => {
         { role: "tool_result", id: "c_left", content: "left result" },
         { role: "tool_result", id: "c_right", content: "right result" },
       ]);
-      retell.close();
     });
   });
 });
@@ -2466,9 +2323,7 @@ describe("talking while waiting", () => {
     const brain = scripted((req) =>
       req.messages.at(-1)!.role === "tool_result" ? say("Here it is.") : callTool("lookup", {})
     );
-    await withServer({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (retell) => {
       retell.ask(1, [user("look it up")]);
       const { text, frames } = await retell.reply(1);
       assert.equal(text, "One moment. Here it is.");
@@ -2479,7 +2334,6 @@ describe("talking while waiting", () => {
         content_complete: false,
       });
       assert.equal(frames.filter((f) => f.content_complete).length, 1);
-      retell.close();
     });
   });
 
@@ -2489,12 +2343,9 @@ describe("talking while waiting", () => {
       await sleep(300);
       yield* callTool("lookup", {});
     });
-    await withServer({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (retell) => {
       retell.ask(1, [user("look it up")]);
       assert.equal((await retell.reply(1)).text, "One moment. Found it.");
-      retell.close();
     });
   });
 
@@ -2510,12 +2361,9 @@ describe("talking while waiting", () => {
       if (req.messages.at(-1)!.role === "tool_result") return yield* say("Found it.");
       yield* callTool("lookup", {});
     });
-    await withServer({ brain, tools: [quickTool], persona, config: fillerConfig() }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [quickTool], persona, config: fillerConfig() }, async (retell) => {
       retell.ask(1, [user("look it up")]);
       assert.equal((await retell.reply(1)).text, "One moment. Found it.");
-      retell.close();
     });
   });
 
@@ -2525,12 +2373,9 @@ describe("talking while waiting", () => {
       yield* say("Let me check. ");
       yield* callTool("lookup", {});
     });
-    await withServer({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, tools: [slowTool], persona, config: fillerConfig() }, async (retell) => {
       retell.ask(1, [user("look it up")]);
       assert.equal((await retell.reply(1)).text, "Let me check. Found it.");
-      retell.close();
     });
   });
 });
@@ -2540,9 +2385,7 @@ describe("actions that survive a barge-in", () => {
 
   test("end_call is re-issued when the caller talked over the goodbye", async () => {
     const brain = scripted(() => callTool("end_call", { message: goodbye }, "call_end"));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("that's all, bye")]);
       const first = (await retell.reply(1)).frames.find((f) => f.content);
       assert.deepEqual(first, {
@@ -2564,15 +2407,12 @@ describe("actions that survive a barge-in", () => {
         { response_type: "response", response_id: 2, content: "", content_complete: true, end_call: true },
       ]);
       assert.equal(brain.requests.length, 1, "the model was not asked again");
-      retell.close();
     });
   });
 
   test("transfer_call is re-issued the same way", async () => {
     const brain = scripted(() => callTool("transfer_call", { message: "Connecting you to the front desk now." }, "t1"));
-    await withServer({ brain, config: testConfig({ transferNumber: "+14155550100" }) }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain, config: testConfig({ transferNumber: "+14155550100" }) }, async (retell) => {
       retell.ask(1, [user("a person please")]);
       await retell.reply(1);
       const interrupted = [agent("Connecting you to the front"), user("right")];
@@ -2582,15 +2422,12 @@ describe("actions that survive a barge-in", () => {
       const { frames } = await retell.reply(2);
       assert.equal(frames.length, 1);
       assert.equal(frames[0].transfer_number, "+14155550100");
-      retell.close();
     });
   });
 
   test("a caller who says 'no, wait' over the goodbye is answered, not hung up on", async () => {
     const brain = scripted((_r, _s, n) => n === 1 ? callTool("end_call", { message: goodbye }, "e1") : say("Yes?"));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("bye")]);
       await retell.reply(1);
       const interrupted = [agent("Thanks for calling Sunrise Dental, goodbye"), user("no wait")];
@@ -2598,7 +2435,6 @@ describe("actions that survive a barge-in", () => {
       const { text, frames } = await retell.reply(2);
       assert.equal(text, "Yes?");
       assert.ok(frames.every((f) => f.end_call === undefined));
-      retell.close();
     });
   });
 
@@ -2615,14 +2451,11 @@ describe("actions that survive a barge-in", () => {
         yield* callTool("end_call", { message: "Bye!" }, "a3");
       }
     });
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("what's free Wednesday? then bye")]);
       const { text, frames } = await retell.reply(1);
       assert.equal(text, "Wednesday has four times. Bye!");
       assert.equal(frames.at(-1)!.end_call, true);
-      retell.close();
     });
   });
 
@@ -2630,9 +2463,7 @@ describe("actions that survive a barge-in", () => {
     const brain = scripted((_r, _s, n) =>
       n === 1 ? callTool("end_call", { message: goodbye }, "e1") : say("Of course, go ahead.")
     );
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("bye")]);
       await retell.reply(1);
       const interrupted = [
@@ -2643,20 +2474,16 @@ describe("actions that survive a barge-in", () => {
       const { text, frames } = await retell.reply(2);
       assert.equal(text, "Of course, go ahead.");
       assert.ok(frames.every((f) => f.end_call === undefined));
-      retell.close();
     });
   });
 
   test("press_digit sends digit_to_press", async () => {
     const brain = scripted(() => callTool("press_digit", { digits: "2#" }));
-    await withServer({ brain }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain }, async (retell) => {
       retell.ask(1, [user("For appointments, press 2 then hash.")]);
       const { frames } = await retell.reply(1);
       assert.equal(frames.at(-1)!.digit_to_press, "2#");
       assert.equal(frames.at(-1)!.content_complete, true);
-      retell.close();
     });
   });
 });
@@ -2670,12 +2497,9 @@ describe("provider fallback", () => {
     const fallback = scripted(() => say("Backup here."));
     fallback.provider = "backup";
     const logs = await captureLogs(() =>
-      withServer({ brain: primary, fallback, config: testConfig({ firstTokenTimeoutMs: 150 }) }, async (port) => {
-        const retell = await Retell.connect(port);
-        await retell.opened();
+      onCall({ brain: primary, fallback, config: testConfig({ firstTokenTimeoutMs: 150 }) }, async (retell) => {
         retell.ask(1, [user("hello")]);
         assert.equal((await retell.reply(1)).text, "Backup here.");
-        retell.close();
       })
     );
     const turn = logs.find((l) => l.event === "turn")!;
@@ -2693,12 +2517,9 @@ describe("provider fallback", () => {
       brain.provider = name;
       return brain;
     };
-    await withServer({ brain: failing("one"), fallback: failing("two") }, async (port) => {
-      const retell = await Retell.connect(port);
-      await retell.opened();
+    await onCall({ brain: failing("one"), fallback: failing("two") }, async (retell) => {
       retell.ask(1, [user("hello")]);
       assert.equal((await retell.reply(1)).text, PERSONA.apology);
-      retell.close();
     });
   });
 
@@ -2806,12 +2627,9 @@ describe("provider fallback through the real SDKs", () => {
       });
       try {
         const logs = await captureLogs(() =>
-          withServer({ config: testConfig(config) }, async (port) => {
-            const retell = await Retell.connect(port);
-            await retell.opened();
+          onCall({ config: testConfig(config) }, async (retell) => {
             retell.ask(1, [user("hello")]);
             assert.equal((await retell.reply(1, 5000)).text, primary === "openai" ? "Claude here." : "GPT here.");
-            retell.close();
           })
         );
         assert.ok(broken.requests.length >= 1);
@@ -2862,11 +2680,8 @@ describe("the request of a turn", () => {
     /** Runs `talk` on one call to a server whose provider is `fake`; returns the log lines. */
     const oneCall = (fake: FakeProvider, talk: (retell: Retell) => Promise<void>) =>
       captureLogs(() =>
-        withServer({ config: setup.config(fake) }, async (port) => {
-          const retell = await Retell.connect(port);
-          await retell.opened();
+        onCall({ config: setup.config(fake) }, async (retell) => {
           await talk(retell);
-          retell.close();
         })
       );
     test(`${provider}: every turn sends the SDK's own request (but its telemetry), once`, async () => {
