@@ -295,12 +295,13 @@ function readNumber(env: Record<string, string | undefined>, name: string, fallb
 }
 
 // 4. The Retell protocol (see README for links) --------------------------------------------
-// What Retell sends. Every frame's envelope but a ping's (see Call.receive) is checked with
-// zod; the transcript, which grows all call long and comes with every request, is taken as
-// the array it is (z.array would copy it) and checked item by item when a turn reads it (see
-// readItem), so one bad item is dropped instead of costing the whole turn.
-const Transcript = z.custom<unknown[]>(Array.isArray).optional().catch(undefined);
-
+// What Retell sends. A ping and a turn's request, the frames of every few seconds, are checked
+// by hand on the way in (see Call.receive): before a turn's request reaches the provider, every
+// microsecond is added latency, and a union schema is more code to run cold on each turn than
+// these few lines. Every other frame is checked with zod. A transcript, which grows all call
+// long and comes with every request, is taken as the array it is (z.array would copy it) and
+// checked item by item when a turn reads it (see readItem), so one bad item is dropped instead
+// of costing the whole turn.
 const Inbound = z.discriminatedUnion("interaction_type", [
   z.object({
     interaction_type: z.literal("call_details"),
@@ -310,15 +311,8 @@ const Inbound = z.discriminatedUnion("interaction_type", [
     }).nullish().catch(null),
   }),
   z.object({ interaction_type: z.literal("update_only") }),
-  z.object({
-    interaction_type: z.enum(["response_required", "reminder_required"]),
-    response_id: z.int().min(0),
-    transcript: Transcript,
-    transcript_with_tool_calls: Transcript,
-  }),
 ]);
 type Inbound = z.infer<typeof Inbound>;
-type TurnRequest = Extract<Inbound, { response_id: number }>;
 type Item = { role: string; content?: string; tool_call_id?: string; name?: string; arguments?: string };
 
 // A transcript item, with every field of the wrong type dropped; null if it has no role.
@@ -434,6 +428,7 @@ function sdkPost<C, B>(
   resend.catch(() => {});
   type Shape = { url: string; init: RequestInit & { headers: Record<string, string> } };
   let shape: Promise<Shape> | undefined;
+  let captured: Shape | undefined; // the same, once resolved: a turn's request does not wait on a promise
   const capture = async (body: B) => {
     let seen: Shape | undefined;
     // Everything but the body and the signal is kept, fetch options (a proxy) included; not what
@@ -457,14 +452,14 @@ function sdkPost<C, B>(
     let response: Response | undefined;
     let failure = "";
     try {
-      const { url, init } = await (shape ??= capture(body));
+      const { url, init } = captured ?? (captured = await (shape ??= capture(body)));
       response = await fetch(url, { ...init, body: JSON.stringify(body), signal });
       if (response.ok) return response;
     } catch (err) {
       if (signal.aborted) throw err;
       failure = errorText(err);
     }
-    shape = undefined;
+    shape = captured = undefined;
     if (response && !retryable(response)) {
       const text = await textOf(response, MAX_ERROR_CHARS);
       const json = parseJson(text) as object | undefined;
@@ -1265,11 +1260,21 @@ class Call {
     }
     // A ping, the most frequent frame (every call, every 2 s), is answered before any other
     // check, and always, even a malformed one: a missed pong costs the call.
-    const ping = json as { interaction_type?: unknown; timestamp?: unknown } | null;
-    if (ping?.interaction_type === "ping_pong") {
+    const frame = json as Record<string, unknown> | null;
+    const type = frame?.interaction_type;
+    if (type === "ping_pong") {
       // Echoed as JSON: 1e999 parses to Infinity, which JSON cannot carry.
-      const timestamp = Number.isFinite(ping.timestamp) ? ping.timestamp as number : Date.now();
+      const timestamp = Number.isFinite(frame!.timestamp) ? frame!.timestamp as number : Date.now();
       return this.peer.send(`{"response_type":"ping_pong","timestamp":${timestamp}}`);
+    }
+    if (type === "response_required" || type === "reminder_required") {
+      const id = frame!.response_id;
+      if (!Number.isSafeInteger(id) || (id as number) < 0) {
+        return this.reject("response_id: expected an integer of 0 or more", data.length);
+      }
+      const { transcript, transcript_with_tool_calls: withTools } = frame!;
+      const items = Array.isArray(withTools) && withTools.length ? withTools : transcript;
+      return this.startTurn(id as number, type === "reminder_required", Array.isArray(items) ? items : []);
     }
     const parsed = Inbound.safeParse(json);
     if (!parsed.success) {
@@ -1279,16 +1284,11 @@ class Call {
     this.handle(parsed.data);
   }
 
+  // An update_only frame (the transcript so far, nothing to answer) needs nothing.
   private handle(frame: Inbound) {
-    switch (frame.interaction_type) {
-      case "call_details":
-        this.vars = { ...readVars(frame.call?.retell_llm_dynamic_variables), call_id: this.id };
-        return this.greetNow();
-      case "update_only":
-        return;
-      default:
-        return this.startTurn(frame);
-    }
+    if (frame.interaction_type !== "call_details") return;
+    this.vars = { ...readVars(frame.call?.retell_llm_dynamic_variables), call_id: this.id };
+    this.greetNow();
   }
 
   /** The call's dynamic variables plus {{current_time}}, for the greeting and the prompt. */
@@ -1325,21 +1325,22 @@ class Call {
     this.send({ response_type: "update_agent", agent_config: settings });
   }
 
-  private startTurn(frame: TurnRequest) {
-    if (frame.response_id <= this.latestId) {
-      return log("debug", "stale_request", { call_id: this.id, response_id: frame.response_id, latest: this.latestId });
+  // `items`: the transcript with tool calls when Retell sends it (the config frame asks), else
+  // the plain transcript.
+  private startTurn(id: number, reminder: boolean, items: unknown[]) {
+    if (id <= this.latestId) {
+      return log("debug", "stale_request", { call_id: this.id, response_id: id, latest: this.latestId });
     }
-    this.latestId = frame.response_id;
+    this.latestId = id;
     // A request means Retell is past the greeting; sending one now would be stale.
     if (!this.greetingDone) this.pastGreeting();
     this.stopGreetTimer();
     this.sendAgentSettings();
     const superseding = this.turn?.live;
     this.turn?.abort("superseded");
-    const turn = this.turn = new Turn(this, frame.response_id, frame.interaction_type === "reminder_required");
-    const items = frame.transcript_with_tool_calls?.length ? frame.transcript_with_tool_calls : frame.transcript;
+    const turn = this.turn = new Turn(this, id, reminder);
     const start = () =>
-      turn.run((items ?? []).map(readItem)).catch((err) =>
+      turn.run(items.map(readItem)).catch((err) =>
         log("error", "turn_crashed", { call_id: this.id, response_id: turn.id, error: String(err) })
       ).finally(() => {
         // A finished turn is let go at once: held until the next request (seconds later), what
@@ -1419,7 +1420,9 @@ class Turn {
     if (this.signal.aborted) return this.logTurn("superseded"); // superseded before it started
     let outcome: Outcome;
     try {
-      const due = await unfinishedAction(items, this.call.deps, this.context());
+      // Nearly every turn has no action to check, and then nothing is awaited before the request.
+      const pending = unfinishedAction(items, this.call.deps, this.context());
+      const due = pending && await pending;
       if (this.signal.aborted) outcome = "superseded"; // while an action was being rebuilt
       else if (due) {
         this.stats.tools.push(due.tool);
@@ -1690,7 +1693,7 @@ const canonical = (value: unknown): string =>
 // An action (end_call, transfer_call) whose line the caller talked over is lost on Retell's
 // side. When the agent had said at least half of that line and the caller only acknowledged
 // it ("okay", "thanks, bye"), the action is re-issued instead of starting a new reply.
-async function unfinishedAction(items: readonly (Item | null)[], deps: Deps, ctx: ToolContext) {
+function unfinishedAction(items: readonly (Item | null)[], deps: Deps, ctx: ToolContext) {
   // Sizes are checked before any text work: a transcript of many megabytes costs nothing here.
   let end = items.length;
   let chars = 0;
@@ -1709,11 +1712,16 @@ async function unfinishedAction(items: readonly (Item | null)[], deps: Deps, ctx
   );
   const invocation = exchange[at];
   if (!invocation?.tool_call_id) return;
+  return heardToTheEnd(invocation, exchange.slice(at + 1), deps, ctx);
+}
+
+// The action of a tool call, if the agent said at least the first half of its message since.
+async function heardToTheEnd(invocation: Item, since: readonly (Item | null)[], deps: Deps, ctx: ToolContext) {
   const action = deps.actions.get(`${ctx.callId}\n${invocation.tool_call_id}`) ??
     await rebuildAction(invocation, deps, ctx);
   const line = normalize(action?.message ?? "").split(" ");
   let said = "";
-  for (const it of exchange.slice(at + 1)) {
+  for (const it of since) {
     if (it?.role === "agent") said += ` ${it.content?.slice(0, MAX_ITEM_CHARS) ?? ""}`;
     if (said.length > MAX_ITEM_CHARS) break; // the goodbye comes first: its start is all we look for
   }
