@@ -1260,19 +1260,19 @@ class Call {
     }
     // A ping, the most frequent frame (every call, every 2 s), is answered before any other
     // check, and always, even a malformed one: a missed pong costs the call.
-    const frame = json as Record<string, unknown> | null;
-    const type = frame?.interaction_type;
+    const frame = (json ?? {}) as Record<string, unknown>;
+    const type = frame.interaction_type;
     if (type === "ping_pong") {
       // Echoed as JSON: 1e999 parses to Infinity, which JSON cannot carry.
-      const timestamp = Number.isFinite(frame!.timestamp) ? frame!.timestamp as number : Date.now();
+      const timestamp = Number.isFinite(frame.timestamp) ? frame.timestamp as number : Date.now();
       return this.peer.send(`{"response_type":"ping_pong","timestamp":${timestamp}}`);
     }
     if (type === "response_required" || type === "reminder_required") {
-      const id = frame!.response_id;
+      const id = frame.response_id;
       if (!Number.isSafeInteger(id) || (id as number) < 0) {
         return this.reject("response_id: expected an integer of 0 or more", data.length);
       }
-      const { transcript, transcript_with_tool_calls: withTools } = frame!;
+      const { transcript, transcript_with_tool_calls: withTools } = frame;
       const items = Array.isArray(withTools) && withTools.length ? withTools : transcript;
       return this.startTurn(id as number, type === "reminder_required", Array.isArray(items) ? items : []);
     }
