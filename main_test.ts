@@ -9,11 +9,13 @@ import net from "node:net";
 import process from "node:process";
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { Buffer } from "node:buffer";
 import { z } from "zod";
 import {
   type Brain,
   type BrainEvent,
   type BrainRequest,
+  bytesOf,
   CallAction,
   type Config,
   ConfigError,
@@ -1376,6 +1378,60 @@ describe("OpenAI through the real SDK", () => {
     } finally {
       await fake.close();
     }
+  });
+
+  test("a reply of many reads, with characters split between reads, arrives exactly, turn after turn", async () => {
+    const words = Array(1500).fill("Ça coûte 5 € — 🙂 merci.").join(" "); // ~40 KB of UTF-8, several 16 KiB reads
+    const body = Buffer.from(openaiChunk({ content: words }) + openaiChunk({}, "stop") + "data: [DONE]\n\n");
+    const smile = body.indexOf("🙂") + 2; // halfway through the emoji's four bytes
+    const fake = await fakeProvider(async (res) => {
+      sse(res);
+      for (const [from, to] of [[0, smile], [smile, smile + 20_000], [smile + 20_000, body.length]]) {
+        res.write(body.subarray(from, to));
+        await sleep(5);
+      }
+      res.end();
+    });
+    try {
+      await onCall({ config: openaiConfig(fake) }, async (retell) => {
+        for (const id of [1, 2, 3]) {
+          retell.ask(id, [user(`price ${id}?`)]);
+          const { text } = await retell.reply(id);
+          assert.ok(text === words, `reply ${id}: ${text.length} characters, expected ${words.length}`);
+        }
+      });
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test("reply bytes are read into a buffer handed back for the next reply", async () => {
+    // A byte stream, as Deno's fetch bodies are: each read fills the view the reader passes.
+    const views: Uint8Array[] = [];
+    const byteStream = (text: string) => {
+      const bytes = new TextEncoder().encode(text);
+      return new ReadableStream({
+        type: "bytes",
+        pull(controller) {
+          const view = controller.byobRequest!.view! as Uint8Array;
+          views.push(view.slice(0, 8));
+          view.set(bytes);
+          controller.byobRequest!.respond(bytes.length);
+          controller.close();
+        },
+      });
+    };
+    const readAll = async (text: string) => {
+      const reader = bytesOf(byteStream(text) as ReadableStream<Uint8Array>);
+      let got = "";
+      for (let r = await reader.read(); !r.done; r = await reader.read()) got += new TextDecoder().decode(r.value);
+      await reader.cancel();
+      return got;
+    };
+    assert.equal(await readAll("first reply"), "first reply");
+    assert.equal(await readAll("next one"), "next one");
+    // The second reply's first read was offered the first reply's buffer, its bytes still in it.
+    assert.equal(new TextDecoder().decode(views.at(-1)), "first re");
   });
 
   test("reads CRLF-separated events, comments and data lines without a space, and speaks a mid-stream error", async () => {
