@@ -126,6 +126,33 @@ for (const provider of ["openai", "anthropic"] as const) {
       }, fake) as { failures: number; latency: { n: number } };
       assert.deepEqual([supersede.failures, supersede.latency.n], [0, 3]);
     });
+
+    test("realistic windows can share their calls, which grow their transcripts, until released", async () => {
+      const url = `ws://127.0.0.1:${relay.port}/llm-websocket/`;
+      const window = {
+        shape: "realistic",
+        url,
+        pid: process.pid,
+        k: 2,
+        windowMs: 150,
+        periodMs: 100,
+        keep: true,
+      } as const;
+      type Result = { fresh: boolean; completed: number };
+      const bytesBefore = fake.stats().bytesIn;
+      const first = await runJob(window, fake) as Result;
+      const requests = fake.stats().requests;
+      const bytesFirst = fake.stats().bytesIn - bytesBefore;
+      const second = await runJob(window, fake) as Result;
+      const bytesSecond = fake.stats().bytesIn - bytesBefore - bytesFirst;
+      assert.deepEqual([first.fresh, second.fresh], [true, false]);
+      assert.ok(first.completed > 0 && second.completed > 0);
+      // The same calls asked again, so each request carried a longer transcript than before.
+      const perRequest = bytesSecond / (fake.stats().requests - requests);
+      assert.ok(perRequest > bytesFirst / first.completed, `${perRequest} bytes per request`);
+      assert.deepEqual(await runJob({ shape: "release", url }, fake), { closed: 2 });
+      assert.deepEqual(await runJob({ shape: "release", url }, fake), { closed: 0 });
+    });
   });
 }
 

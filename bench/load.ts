@@ -242,7 +242,20 @@ async function drain(calls: Call[], ms = 3000) {
 
 export type Job =
   | { shape: "idle"; url: string; pid: number; n: number; settleMs?: number }
-  | { shape: "realistic"; url: string; pid: number; k: number; windowMs: number; periodMs?: number; timeline?: boolean }
+  | {
+    shape: "realistic";
+    url: string;
+    pid: number;
+    k: number;
+    windowMs: number;
+    periodMs?: number;
+    timeline?: boolean;
+    /** Keep the calls open for the next realistic job on the same URL (until "release"). */
+    keep?: boolean;
+    /** After opening fresh calls, wait this long (pings going) before the first turn. */
+    settleMs?: number;
+  }
+  | { shape: "release"; url: string }
   | { shape: "saturation"; url: string; pid: number; k: number; windowMs: number; warmMs?: number; cap?: number }
   | { shape: "supersede"; url: string; pid: number; n: number }
   | { shape: "long"; url: string; pid: number; utterances: number; windowMs: number; minTurns?: number }
@@ -276,11 +289,32 @@ async function idle(job: Extract<Job, { shape: "idle" }>) {
   return { n: job.n, rssBeforeKiB: before, rssAfterKiB: after, kibPerCall: (after - before) / job.n, openMs };
 }
 
+/** Calls a realistic job left open, by server URL. A live call lasts minutes, so a row's calls
+ * are opened once and measured over several windows; opening and closing K calls around each
+ * window churned calls at 50 times a busy deployment's rate, and the collection of each
+ * window's closed calls landed in the next window. */
+const kept = new Map<string, Call[]>();
+
+async function release(url: string) {
+  const calls = kept.get(url);
+  kept.delete(url);
+  if (calls) await closeCalls(calls);
+  return { closed: calls?.length ?? 0 };
+}
+
 /** Open loop: each call asks for a turn every periodMs, staggered evenly over the period. */
 async function realistic(job: Extract<Job, { shape: "realistic" }>) {
   const period = job.periodMs ?? 3000;
-  const calls = await openCalls(job.url, job.k);
+  let calls = kept.get(job.url);
+  if (calls && (calls.length !== job.k || calls.some((c) => c.closed))) {
+    await release(job.url);
+    calls = undefined;
+  }
+  const fresh = !calls;
+  calls ??= await openCalls(job.url, job.k);
+  if (job.keep) kept.set(job.url, calls);
   const stopPings = startPings(calls);
+  if (fresh && job.settleMs) await sleep(job.settleMs);
   const first: number[] = [];
   const complete: number[] = [];
   const timeline: number[][] = [];
@@ -314,9 +348,10 @@ async function realistic(job: Extract<Job, { shape: "realistic" }>) {
   const clientPct = busy();
   timers.forEach(clearTimeout);
   stopPings();
-  await closeCalls(calls);
+  if (!job.keep) await closeCalls(calls);
   return {
     k: job.k,
+    fresh,
     turns,
     completed: complete.length,
     overruns,
@@ -460,6 +495,8 @@ export async function runJob(job: Job, fake: FakeProvider): Promise<unknown> {
       return await long(job);
     case "warmup":
       return await warmup(job);
+    case "release":
+      return await release(job.url);
   }
 }
 

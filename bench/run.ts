@@ -68,6 +68,7 @@ const PLAN = quick
     supersede: { n: 50 },
     long: [{ utterances: 10, windowMs: 200 }, { utterances: 1000, windowMs: 300 }],
     warmupMs: 700,
+    settleMs: 300,
   }
   : {
     idle: { n: 1000 },
@@ -80,6 +81,7 @@ const PLAN = quick
       windowMs: 1000,
     }],
     warmupMs: 1500,
+    settleMs: 1000,
   };
 
 // ---------------------------------------------------------------------------------------
@@ -291,8 +293,11 @@ async function measureCombo(
   }
   if (shapes.includes("realistic")) {
     for (const { k, windowMs } of PLAN.realistic) {
-      const job = { shape: "realistic", k, windowMs };
+      // A row's calls stay open over its windows, as calls last minutes; fresh calls get a
+      // second of pings first, so that their opening is not collected inside the first window.
+      const job = { shape: "realistic", k, windowMs, keep: true, settleMs: PLAN.settleMs };
       await interleave(load, procs, { ...meta, shape: "realistic", k }, job, realisticReps);
+      for (const target of ["relay", "server"] as const) await load.job({ shape: "release", url: procs[target].url });
     }
   }
   if (shapes.includes("saturation")) {
