@@ -1381,7 +1381,7 @@ describe("OpenAI through the real SDK", () => {
   });
 
   test("a reply of many reads, with characters split between reads, arrives exactly, turn after turn", async () => {
-    const words = Array(1500).fill("Ça coûte 5 € — 🙂 merci.").join(" "); // ~40 KB of UTF-8, several 16 KiB reads
+    const words = Array(1500).fill("Ça coûte 5 € — 🙂 merci.").join(" "); // ~40 KB of UTF-8
     const body = Buffer.from(openaiChunk({ content: words }) + openaiChunk({}, "stop") + "data: [DONE]\n\n");
     const smile = body.indexOf("🙂") + 2; // halfway through the emoji's four bytes
     const fake = await fakeProvider(async (res) => {
