@@ -714,8 +714,8 @@ type ServerSentEvent = { event?: string; data: string };
 // each plain read of a fetched body a fresh 64 KiB buffer outside the JS heap, and that memory,
 // more than the heap, is what set off its full collections: one every ~130 replies, each a
 // 10–40 ms stall of every call on a one-core machine. Read into a buffer we pass (a BYOB reader),
-// the same memory serves every read (32 buffers kept, 2 MB at most). Bodies that are not byte
-// streams (Bun's) are read plainly.
+// the same memory serves every read (32 buffers kept, 2 MB at most), so a read's bytes are good
+// only until the next read or cancel. Bodies that are not byte streams (Bun's) are read plainly.
 const READ_BYTES = 64 * 1024; // what Deno reads at a time anyway
 const spareBuffers: ArrayBuffer[] = [];
 

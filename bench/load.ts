@@ -305,13 +305,15 @@ async function release(url: string) {
 /** Open loop: each call asks for a turn every periodMs, staggered evenly over the period. */
 async function realistic(job: Extract<Job, { shape: "realistic" }>) {
   const period = job.periodMs ?? 3000;
-  let calls = kept.get(job.url);
+  let calls = job.keep ? kept.get(job.url) : undefined;
   if (calls && (calls.length !== job.k || calls.some((c) => c.closed))) {
     await release(job.url);
     calls = undefined;
   }
   const fresh = !calls;
   calls ??= await openCalls(job.url, job.k);
+  // A turn the last window gave up on (counted there as unfinished) is not this window's.
+  if (!fresh) { for (const call of calls) call.turn = undefined; }
   if (job.keep) kept.set(job.url, calls);
   const stopPings = startPings(calls);
   if (fresh && job.settleMs) await sleep(job.settleMs);
