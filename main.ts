@@ -484,7 +484,7 @@ function retryable(response: Response) {
 
 /** At most `max` characters of a response's body; the rest is not read. */
 async function textOf(response: Response, max: number) {
-  const reader = response.body?.getReader();
+  const reader = response.body && bytesOf(response.body);
   const decoder = new TextDecoder();
   let text = "";
   try {
